@@ -1,0 +1,44 @@
+# All targets use the virtual environment in .venv (created by `make install`).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# torch/torchvision pair that timm needs; override on other machines, e.g. make install TORCH_SPEC="torch torchvision"
+TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
+PYTEST_ARGS ?=
+DEMO_DIR ?= demo_out
+NPROC ?= 2
+
+.PHONY: install demo demo-data test test-fast bench clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet $(TORCH_SPEC)
+	$(PY) -m pip install --quiet -e '.[dev,crf,deepspeed]'
+	touch $@
+
+demo-data: install
+	$(VENV)/bin/primaps-dist make-demo-data --out $(DEMO_DIR)/images
+	$(VENV)/bin/primaps-dist make-shards --images $(DEMO_DIR)/images/train/images --labels $(DEMO_DIR)/images/train/labels --out $(DEMO_DIR)/shards/train --shard-size 32
+	$(VENV)/bin/primaps-dist make-shards --images $(DEMO_DIR)/images/val/images --labels $(DEMO_DIR)/images/val/labels --out $(DEMO_DIR)/shards/val --shard-size 32
+
+demo: demo-data
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m primaps_dist.train --config configs/demo.yaml
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m primaps_dist.evaluate --config configs/demo.yaml \
+		--checkpoint $(DEMO_DIR)/run/checkpoints/latest --out $(DEMO_DIR)/run/metrics.json
+	$(VENV)/bin/python -m primaps_dist.predict --config configs/demo.yaml --checkpoint $(DEMO_DIR)/run/checkpoints/latest \
+		--images $(DEMO_DIR)/images/val/images --out $(DEMO_DIR)/predictions --limit 8
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: install
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+bench: install
+	@for script in bench/bench_*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
+
+clean:
+	rm -rf $(DEMO_DIR) mlflow.db mlruns .pytest_cache

@@ -1,0 +1,401 @@
+"""Typed, validated configuration: one small dataclass per component.
+
+A run's configuration is the defaults below, updated by a YAML file (``configs/*.yaml``) and then by
+``section.key=value`` overrides from the command line. Every problem (an unknown key, a wrong type, an
+impossible value) is a one-line :class:`~primaps_dist.errors.ConfigError` that names the dotted key.
+
+Example::
+
+    cfg = load_config("configs/demo.yaml", ["train.em_steps=200", "em.mode=gradient"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+
+from primaps_dist.backbones.presets import PRESETS
+from primaps_dist.errors import ConfigError, UserError
+
+IGNORE_INDEX = 255
+
+
+def _require(condition: bool, key: str, problem: str) -> None:
+    if not condition:
+        raise ConfigError(key, problem)
+
+
+def _choice(value: str, choices: Sequence[str], key: str) -> None:
+    _require(value in choices, key, f"must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+@dataclass
+class DataConfig:
+    """Where the shards are and how samples become batches."""
+
+    train_shards: str = ""  # a directory of .tar shards, a glob, or a brace pattern "dir/{000000..000009}.tar"
+    val_shards: str = ""
+    num_classes: int = 27  # K: number of prototypes and of ground-truth classes
+    crop_size: int = 320  # square crop side in pixels; a multiple of the backbone stride
+    train_scale: list[float] = field(default_factory=lambda: [1.0, 1.5])  # short side / crop, sampled uniformly
+    hflip: bool = True
+    batch_size: int = 8  # per rank
+    eval_batch_size: int = 8  # per rank
+    num_workers: int = 2  # loader processes per rank
+    shuffle_buffer: int = 256
+    max_corrupt_fraction: float = 0.1  # stop with an error when more samples than this are unreadable
+
+    def validate(self, prefix: str = "data") -> None:
+        _require(self.num_classes >= 2, f"{prefix}.num_classes", f"must be >= 2, got {self.num_classes}")
+        _require(self.num_classes < IGNORE_INDEX, f"{prefix}.num_classes", f"must be < {IGNORE_INDEX}")
+        _require(self.crop_size >= 16, f"{prefix}.crop_size", f"must be >= 16, got {self.crop_size}")
+        _require(
+            len(self.train_scale) == 2 and 1.0 <= self.train_scale[0] <= self.train_scale[1],
+            f"{prefix}.train_scale",
+            f"must be [low, high] with 1 <= low <= high, got {list(self.train_scale)}",
+        )
+        _require(self.batch_size >= 1, f"{prefix}.batch_size", f"must be >= 1, got {self.batch_size}")
+        _require(self.eval_batch_size >= 1, f"{prefix}.eval_batch_size", f"must be >= 1, got {self.eval_batch_size}")
+        _require(self.num_workers >= 0, f"{prefix}.num_workers", f"must be >= 0, got {self.num_workers}")
+        _require(self.shuffle_buffer >= 0, f"{prefix}.shuffle_buffer", f"must be >= 0, got {self.shuffle_buffer}")
+        _require(
+            0.0 <= self.max_corrupt_fraction <= 1.0,
+            f"{prefix}.max_corrupt_fraction",
+            f"must be in [0, 1], got {self.max_corrupt_fraction}",
+        )
+
+
+@dataclass
+class BackboneConfig:
+    """The frozen feature extractor."""
+
+    name: str = "efficientnet_lite0"  # a preset (see backbones/presets.py), "timm:<model name>", or "module:function"
+    weights: str = "pretrained"  # "pretrained" (hub or packaged), "random", or a path to a local weights file
+    layers: list[int] = field(default_factory=list)  # ViT: [block index]; CNN: stage indices; [] = preset default
+    stride: int = 0  # feature stride for non-preset backbones (0 = preset's or detected)
+    precision: str = "auto"  # autocast dtype on GPU: auto (bf16 if supported) | bf16 | fp16 | fp32
+
+    def validate(self, prefix: str = "backbone") -> None:
+        _require(bool(self.name), f"{prefix}.name", "must not be empty")
+        is_plugin = ":" in self.name
+        _require(
+            is_plugin or self.name in PRESETS,
+            f"{prefix}.name",
+            f"unknown preset {self.name!r}; use one of {', '.join(PRESETS)}, 'timm:<model>' or 'module:function'",
+        )
+        if self.name.startswith("timm:"):
+            _require(len(self.name) > 5, f"{prefix}.name", "'timm:' needs a model name after the colon")
+        _require(bool(self.weights), f"{prefix}.weights", "must be 'pretrained', 'random' or a file path")
+        if self.weights not in ("pretrained", "random"):
+            _require(os.path.isfile(self.weights), f"{prefix}.weights", f"file not found: {self.weights}")
+        if self.name in PRESETS and PRESETS[self.name].kind == "vit":
+            _require(len(self.layers) <= 1, f"{prefix}.layers", "a ViT takes one block index")
+        _require(self.stride >= 0, f"{prefix}.stride", f"must be >= 0, got {self.stride}")
+        _choice(self.precision, ("auto", "bf16", "fp16", "fp32"), f"{prefix}.precision")
+
+    def preset_stride(self) -> int:
+        """Feature stride known before building the model (0 when only the built model can tell)."""
+        if self.stride:
+            return self.stride
+        if self.name in PRESETS:
+            preset = PRESETS[self.name]
+            if preset.kind == "cnn" and self.layers:
+                return 2 ** (min(self.layers) + 1)
+            return preset.stride
+        return 0
+
+
+@dataclass
+class ProposalConfig:
+    """PriMaPs principal mask proposals (ALGORITHM.md section 2)."""
+
+    threshold: float = 0.4
+    coverage: float = 0.95
+    max_masks: int = 64
+    median_filter: bool = True
+    label_size: int = 0  # side of the pseudo-label map in pixels (0 = crop size)
+
+    def validate(self, prefix: str = "proposals") -> None:
+        _require(0.0 < self.threshold < 1.0, f"{prefix}.threshold", f"must be in (0, 1), got {self.threshold}")
+        _require(0.0 < self.coverage <= 1.0, f"{prefix}.coverage", f"must be in (0, 1], got {self.coverage}")
+        _require(self.max_masks >= 1, f"{prefix}.max_masks", f"must be >= 1, got {self.max_masks}")
+        _require(self.label_size >= 0, f"{prefix}.label_size", f"must be >= 0, got {self.label_size}")
+
+
+@dataclass
+class CRFConfig:
+    """Dense CRF refinement of proposals (defaults: the reference parameters)."""
+
+    backend: str = "torch"  # torch | pydensecrf | none
+    iterations: int = 10
+    gaussian_sxy: float = 1.0
+    gaussian_weight: float = 3.0
+    bilateral_sxy: float = 67.0
+    bilateral_srgb: float = 3.0
+    bilateral_weight: float = 4.0
+
+    def validate(self, prefix: str = "crf") -> None:
+        _choice(self.backend, ("torch", "pydensecrf", "none"), f"{prefix}.backend")
+        _require(self.iterations >= 1, f"{prefix}.iterations", f"must be >= 1, got {self.iterations}")
+        for name in ("gaussian_sxy", "bilateral_sxy", "bilateral_srgb"):
+            value = getattr(self, name)
+            _require(value > 0, f"{prefix}.{name}", f"must be > 0, got {value}")
+        for name in ("gaussian_weight", "bilateral_weight"):
+            value = getattr(self, name)
+            _require(value >= 0, f"{prefix}.{name}", f"must be >= 0, got {value}")
+
+
+@dataclass
+class EMConfig:
+    """The prototype update (ALGORITHM.md section 4)."""
+
+    mode: str = "stats"  # stats | gradient
+    momentum: float = 0.98  # stats mode: moving-average factor b of the sufficient statistics
+    engine: str = "ddp"  # gradient mode: ddp | deepspeed
+    deepspeed_config: str = "configs/deepspeed/zero0.json"
+    lr: float = 5e-3
+    focal_gamma: float = 2.0
+    ema_every: int = 10
+    ema_max: float = 0.98
+    photometric: bool = True  # gradient mode: the student sees a photometrically augmented view
+
+    def validate(self, prefix: str = "em") -> None:
+        _choice(self.mode, ("stats", "gradient"), f"{prefix}.mode")
+        _choice(self.engine, ("ddp", "deepspeed"), f"{prefix}.engine")
+        _require(0.0 <= self.momentum < 1.0, f"{prefix}.momentum", f"must be in [0, 1), got {self.momentum}")
+        _require(self.lr > 0, f"{prefix}.lr", f"must be > 0, got {self.lr}")
+        _require(self.focal_gamma >= 0, f"{prefix}.focal_gamma", f"must be >= 0, got {self.focal_gamma}")
+        _require(self.ema_every >= 1, f"{prefix}.ema_every", f"must be >= 1, got {self.ema_every}")
+        _require(0.0 < self.ema_max < 1.0, f"{prefix}.ema_max", f"must be in (0, 1), got {self.ema_max}")
+        if self.mode == "gradient" and self.engine == "deepspeed":
+            _require(
+                os.path.isfile(self.deepspeed_config),
+                f"{prefix}.deepspeed_config",
+                f"file not found: {self.deepspeed_config}",
+            )
+
+
+@dataclass
+class TrainConfig:
+    """Stages and schedule; training is step based on an infinite resampled stream."""
+
+    seed: int = 0
+    output_dir: str = "runs/default"
+    pca_steps: int = 20  # batches streamed into the all-reduced covariance for the PCA initialisation
+    kmeans_steps: int = 100  # mini-batch spherical K-means steps (the "Baseline")
+    em_steps: int = 1000  # PriMaPs-EM steps
+    log_every: int = 10
+    device: str = "auto"  # auto | cpu | cuda
+
+    def validate(self, prefix: str = "train") -> None:
+        _require(bool(self.output_dir), f"{prefix}.output_dir", "must not be empty")
+        _require(self.pca_steps >= 1, f"{prefix}.pca_steps", f"must be >= 1, got {self.pca_steps}")
+        _require(self.kmeans_steps >= 0, f"{prefix}.kmeans_steps", f"must be >= 0, got {self.kmeans_steps}")
+        _require(self.em_steps >= 0, f"{prefix}.em_steps", f"must be >= 0, got {self.em_steps}")
+        _require(self.log_every >= 1, f"{prefix}.log_every", f"must be >= 1, got {self.log_every}")
+        _choice(self.device, ("auto", "cpu", "cuda"), f"{prefix}.device")
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 100
+    keep: int = 3
+    resume: bool = True  # resume from the newest complete checkpoint in <output_dir>/checkpoints
+
+    def validate(self, prefix: str = "checkpoint") -> None:
+        _require(self.every_steps >= 1, f"{prefix}.every_steps", f"must be >= 1, got {self.every_steps}")
+        _require(self.keep >= 1, f"{prefix}.keep", f"must be >= 1, got {self.keep}")
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    tracking_uri: str = ""  # "" = $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working directory
+    experiment: str = "primaps-dist"
+    run_name: str = ""
+    system_metrics: bool = True
+    num_overlays: int = 4  # validation images rendered as overlay pictures
+
+    def validate(self, prefix: str = "tracking") -> None:
+        _require(bool(self.experiment), f"{prefix}.experiment", "must not be empty")
+        _require(self.num_overlays >= 0, f"{prefix}.num_overlays", f"must be >= 0, got {self.num_overlays}")
+
+
+@dataclass
+class DistConfig:
+    backend: str = "auto"  # auto (nccl with CUDA, else gloo) | gloo | nccl
+    timeout_s: float = 600.0  # collective timeout: a dead peer ends the job with an error instead of a hang
+
+    def validate(self, prefix: str = "dist") -> None:
+        _choice(self.backend, ("auto", "gloo", "nccl"), f"{prefix}.backend")
+        _require(self.timeout_s > 0, f"{prefix}.timeout_s", f"must be > 0, got {self.timeout_s}")
+
+
+@dataclass
+class EvalConfig:
+    crf: bool = False  # refine predictions with the dense CRF
+    flip: bool = False  # average features of the image and its horizontal flip
+    resize_short: int = 0  # short side before the centre crop (0 = crop size)
+
+    def validate(self, prefix: str = "eval") -> None:
+        _require(self.resize_short >= 0, f"{prefix}.resize_short", f"must be >= 0, got {self.resize_short}")
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    proposals: ProposalConfig = field(default_factory=ProposalConfig)
+    crf: CRFConfig = field(default_factory=CRFConfig)
+    em: EMConfig = field(default_factory=EMConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> "Config":
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate(f.name)
+        stride = self.backbone.preset_stride()
+        if stride:
+            _require(
+                self.data.crop_size % stride == 0,
+                "data.crop_size",
+                f"{self.data.crop_size} is not a multiple of the backbone stride {stride} ({self.backbone.name})",
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+def _typed_value(value: Any, default: Any, key: str) -> Any:
+    """Coerce a YAML value to the type of the dataclass default, or raise ConfigError naming ``key``."""
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(key, f"expected a boolean, got {value!r}")
+    if isinstance(default, int):
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(key, f"expected an integer, got {value!r}")
+    if isinstance(default, float):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(key, f"expected a number, got {value!r}")
+    if isinstance(default, str):
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(key, f"expected a string, got {value!r}")
+    if isinstance(default, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(key, f"expected a list, got {value!r}")
+        return list(value)
+    raise ConfigError(key, f"unsupported value {value!r}")
+
+
+def _list_item_default(section: Any, name: str) -> Any:
+    hints = {f.name: f.type for f in dataclasses.fields(section)}
+    hint = str(hints.get(name, ""))
+    if "float" in hint:
+        return 0.0
+    if "int" in hint:
+        return 0
+    return ""
+
+
+def _apply(section: Any, updates: dict[str, Any], prefix: str) -> None:
+    """Set ``updates`` on the dataclass ``section`` with type checks; unknown keys are errors."""
+    names = {f.name for f in dataclasses.fields(section)}
+    for name, value in updates.items():
+        key = f"{prefix}.{name}" if prefix else str(name)
+        if name not in names:
+            raise ConfigError(key, f"unknown key (valid: {', '.join(sorted(names))})")
+        current = getattr(section, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ConfigError(key, f"expected a mapping of settings, got {value!r}")
+            _apply(current, value, key)
+            continue
+        typed = _typed_value(value, current, key)
+        if isinstance(current, list):
+            item_default = _list_item_default(section, name)
+            typed = [_typed_value(item, item_default, f"{key}[{i}]") for i, item in enumerate(typed)]
+        setattr(section, name, typed)
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise UserError(f"override {text!r} must look like section.key=value")
+    key, raw = text.split("=", 1)
+    key = key.strip().lstrip("-")
+    if not key:
+        raise UserError(f"override {text!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    if value is None:
+        value = ""
+    return key.split("."), value
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Defaults <- YAML file <- ``key.sub=value`` overrides, then validate. Raises ConfigError/UserError."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            raise UserError(f"config file {path}{where}: not valid YAML") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise UserError(f"config file {path}: top level must be a mapping of sections")
+        _apply(cfg, loaded, "")
+    for text in overrides:
+        parts, value = _parse_override(text)
+        nested: Any = value
+        for part in reversed(parts):
+            nested = {part: nested}
+        _apply(cfg, nested, "")
+    return cfg.validate()
+
+
+def config_from_dict(values: dict[str, Any]) -> Config:
+    """Rebuild a Config from :meth:`Config.to_dict` output (e.g. stored in a checkpoint), without file checks."""
+    cfg = Config()
+    _apply(cfg, values, "")
+    return cfg
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (for MLflow params)."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, dict):
+            flat.update(flatten(value, name))
+        else:
+            flat[name] = value
+    return flat
