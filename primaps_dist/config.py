@@ -369,13 +369,19 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
         if not isinstance(loaded, dict):
             raise UserError(f"config file {path}: top level must be a mapping of sections")
         _apply(cfg, loaded, "")
+    apply_overrides(cfg, overrides)
+    return cfg.validate()
+
+
+def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
+    """Apply ``section.key=value`` strings (values parsed as YAML) in place; does not validate."""
     for text in overrides:
         parts, value = _parse_override(text)
         nested: Any = value
         for part in reversed(parts):
             nested = {part: nested}
         _apply(cfg, nested, "")
-    return cfg.validate()
+    return cfg
 
 
 def config_from_dict(values: dict[str, Any]) -> Config:

@@ -1,0 +1,446 @@
+"""Distributed PriMaPs-EM training.
+
+    torchrun --nproc_per_node=8 -m primaps_dist.train --config configs/cityscapes_dino_vits8.yaml [key=value ...]
+    python -m primaps_dist.train --config configs/demo.yaml          # one process
+
+One global step counter runs through three stages, all on the same infinite, resampled shard stream:
+
+    [0, pca_steps)                      PCA init: streamed, all-reduced C x C covariance -> K directions
+    [pca_steps, + kmeans_steps)         K-means baseline: all-reduced per-class sums and counts
+    [.., + em_steps)                    PriMaPs-EM: features -> proposals -> CRF -> pseudo labels -> M-step
+
+Every rank computes features and pseudo labels for its own batch; the M-step reduces per-class statistics
+(`stats`) or gradients (`gradient`, DDP/DeepSpeed) so the prototypes are identical on every rank.
+Checkpoints (rank 0, atomic) hold everything needed to continue bit for bit: prototypes and EM state,
+head/optimizer state, each rank's data-stream position and RNG states, and the MLflow run id.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from primaps_dist import checkpoint as ckpt
+from primaps_dist import distributed as dist
+from primaps_dist.backbones import build_backbone
+from primaps_dist.config import Config, flatten, load_config, save_config
+from primaps_dist.crf import make_crf
+from primaps_dist.data.loader import collect_state, make_train_loader
+from primaps_dist.em import gradient as em_gradient
+from primaps_dist.em.kmeans import assign
+from primaps_dist.em.pca import CovarianceAccumulator
+from primaps_dist.em.stats import PrototypeState, batch_stats
+from primaps_dist.errors import UserError, run_cli
+from primaps_dist.pseudo_labels import generate
+from primaps_dist.tracking import Tracker
+
+log = logging.getLogger("primaps_dist.train")
+
+EXIT_PREEMPTED = 3  # a stop signal arrived; a checkpoint was written; the job can be requeued and resumes
+
+
+# ------------------------------------------------------------------------------------------ small helpers
+
+
+def setup_logging(rank: int) -> None:
+    logging.basicConfig(
+        level=logging.INFO,
+        format=f"[rank {rank}] %(asctime)s %(levelname)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+        force=True,
+    )
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGUSR1 (SLURM preemption, scancel); checked at step boundaries on every rank."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if not self.requested:
+            log.warning("received %s: will checkpoint and stop after this step", signal.Signals(signum).name)
+        self.requested = True
+
+
+def resolve_device(preference: str, env: dist.DistEnv) -> torch.device:
+    if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise UserError("config key 'train.device': cuda requested but no GPU is available")
+    return torch.device("cuda", env.local_rank)
+
+
+def normalized_pixels(features: torch.Tensor) -> torch.Tensor:
+    """``[B, C, h, w]`` -> ``[B*h*w, C]`` unit vectors (float32)."""
+    return F.normalize(features.float().permute(0, 2, 3, 1).reshape(-1, features.shape[1]), dim=1)
+
+
+def class_usage_entropy(counts: torch.Tensor) -> float:
+    """Normalised entropy (0..1) of the class-usage histogram: 1 = all K classes used equally."""
+    p = counts.double().clamp_min(0)
+    total = p.sum()
+    if total <= 0 or counts.numel() < 2:
+        return 0.0
+    p = p / total
+    entropy = -(p[p > 0] * p[p > 0].log()).sum()
+    return float(entropy / math.log(counts.numel()))
+
+
+@dataclass
+class StepTimer:
+    """Wall-clock seconds per phase of the current logging window."""
+
+    totals: dict[str, float] = field(default_factory=dict)
+    _last: float = field(default_factory=time.perf_counter)
+
+    def lap(self, name: str, device: torch.device) -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        now = time.perf_counter()
+        self.totals[name] = self.totals.get(name, 0.0) + now - self._last
+        self._last = now
+
+    def pop(self) -> dict[str, float]:
+        totals, self.totals = self.totals, {}
+        return totals
+
+
+# ------------------------------------------------------------------------------------------ the trainer
+
+
+@dataclass
+class Stages:
+    pca_end: int
+    kmeans_end: int
+    total: int
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "Stages":
+        pca_end = cfg.train.pca_steps
+        kmeans_end = pca_end + cfg.train.kmeans_steps
+        return cls(pca_end, kmeans_end, kmeans_end + cfg.train.em_steps)
+
+    def name(self, step: int) -> str:
+        if step < self.pca_end:
+            return "pca"
+        return "kmeans" if step < self.kmeans_end else "em"
+
+
+class Trainer:
+    """Holds the state of one rank; :meth:`run` is the whole training loop."""
+
+    def __init__(self, cfg: Config, env: dist.DistEnv):
+        self.cfg = cfg
+        self.env = env
+        self.master = env.rank == 0
+        self.device = resolve_device(cfg.train.device, env)
+        self.out_dir = Path(cfg.train.output_dir)
+        self.ckpt_dir = self.out_dir / "checkpoints"
+        self.stages = Stages.from_config(cfg)
+        self.stop = StopFlag()
+        self.K = cfg.data.num_classes
+
+        self.backbone = build_backbone(cfg.backbone, self.device)
+        self.C = self.backbone.out_channels
+        if cfg.data.crop_size % self.backbone.stride:
+            raise UserError(
+                f"config key 'data.crop_size': {cfg.data.crop_size} is not a multiple of the backbone stride "
+                f"{self.backbone.stride} ({cfg.backbone.name})"
+            )
+        self.crf_fn = None if cfg.crf.backend == "none" else make_crf(
+            cfg.crf.backend,
+            iterations=cfg.crf.iterations,
+            gaussian_sxy=cfg.crf.gaussian_sxy,
+            gaussian_weight=cfg.crf.gaussian_weight,
+            bilateral_sxy=cfg.crf.bilateral_sxy,
+            bilateral_srgb=cfg.crf.bilateral_srgb,
+            bilateral_weight=cfg.crf.bilateral_weight,
+        )
+        self.covariance = CovarianceAccumulator(self.C)
+        self.state = PrototypeState(self.K, self.C)
+        self.engine: em_gradient.GradientEngine | None = None
+        self.student_generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + env.rank)
+        self.step = 0
+        self.loader_state: Any = None
+        self.skipped_total = 0
+        self.mlflow_run_id: str | None = None
+
+    # -- checkpoints -------------------------------------------------------------------------------------
+
+    def resume(self) -> None:
+        if not self.cfg.checkpoint.resume:
+            return
+        latest = ckpt.find_latest(self.ckpt_dir)
+        if latest is None:
+            return
+        payload = ckpt.load_checkpoint(latest)
+        ckpt.check_compatible(payload, self.cfg, channels=self.C)
+        self.step = int(payload["step"])
+        self.state.load_state_dict(payload["em_state"])
+        self.mlflow_run_id = payload.get("mlflow_run_id") or None
+        self.skipped_total = int(payload.get("skipped_total", 0))
+        loader_states = payload.get("loader_states")
+        if loader_states is not None and len(loader_states) == self.env.world_size:
+            self.loader_state = loader_states[self.env.rank]
+        generators = payload.get("student_generators")
+        if generators is not None and len(generators) == self.env.world_size:
+            self.student_generator.set_state(generators[self.env.rank])
+        if "gradient_state" in payload and self.cfg.em.mode == "gradient":
+            self._ensure_engine()
+            self.engine.load_state_dict(payload["gradient_state"], checkpoint_dir=Path(latest))
+        log.info("resumed from %s at step %d", latest, self.step)
+
+    def save(self) -> Path | None:
+        """Every rank calls this (collects loader states); rank 0 writes atomically."""
+        loader_states = dist.all_gather_object(self.loader_state)
+        generators = dist.all_gather_object(self.student_generator.get_state())
+        payload: dict[str, Any] = {
+            "prototypes": self.state.prototypes.detach().cpu().clone(),
+            "step": self.step,
+            "stage": self.stages.name(max(self.step - 1, 0)),
+            "config": self.cfg.to_dict(),
+            "mlflow_run_id": self.mlflow_run_id or "",
+            "backbone": {"name": self.cfg.backbone.name, "layers": list(self.cfg.backbone.layers), "channels": self.C},
+            "num_classes": self.K,
+            "em_state": self.state.state_dict(),
+            "loader_states": loader_states,
+            "student_generators": generators,
+            "skipped_total": self.skipped_total,
+            "world_size": self.env.world_size,
+        }
+        extra_writer = None
+        if self.engine is not None:
+            payload["gradient_state"], extra_writer = self.engine.checkpoint_parts()
+        path = None
+        if self.master:
+            path = ckpt.save_checkpoint(
+                self.ckpt_dir, self.step, payload, keep=self.cfg.checkpoint.keep, extra_writer=extra_writer
+            )
+            log.info("saved checkpoint %s", path)
+        elif extra_writer is not None and getattr(extra_writer, "all_ranks", False):
+            extra_writer(None)
+        dist.barrier()
+        return path
+
+    # -- stages ------------------------------------------------------------------------------------------
+
+    def _ensure_engine(self) -> None:
+        if self.engine is None:
+            self.engine = em_gradient.make_engine(self.state.prototypes, self.cfg.em, self.env, self.device)
+
+    def pca_step(self, features: torch.Tensor) -> dict[str, float]:
+        self.covariance.update(normalized_pixels(features))
+        if self.step == self.stages.pca_end - 1:
+            self.covariance.reduce()
+            directions = self.covariance.principal_directions(self.K, seed=self.cfg.train.seed)
+            self.state.initialize(directions.to(self.state.prototypes.device))
+            log.info("PCA initialisation from %d feature vectors", int(self.covariance.count))
+        return {}
+
+    def kmeans_step(self, features: torch.Tensor) -> dict[str, float]:
+        pixels = normalized_pixels(features)
+        labels = assign(pixels, self.state.prototypes.to(pixels.device))
+        packed = batch_stats(pixels, labels, self.K)
+        dist.all_reduce_sum(packed)
+        summary = self.state.update(packed, self.cfg.em.momentum)
+        return {"kmeans/objective": summary.objective, "class_usage_entropy": class_usage_entropy(summary.counts)}
+
+    def em_step(self, images: torch.Tensor, features: torch.Tensor, timer: StepTimer) -> dict[str, float]:
+        cfg = self.cfg
+        label_size = cfg.proposals.label_size or cfg.data.crop_size
+        teacher = self.state.prototypes if cfg.em.mode == "stats" else self.engine.teacher_prototypes()
+        pseudo = generate(
+            features,
+            images,
+            teacher.to(features.device),
+            threshold=cfg.proposals.threshold,
+            coverage=cfg.proposals.coverage,
+            max_masks=cfg.proposals.max_masks,
+            median_filter=cfg.proposals.median_filter,
+            crf_fn=self.crf_fn,
+            label_size=(label_size, label_size),
+        )
+        timer.lap("proposals", self.device)
+        metrics = {"proposals_per_image": float(pseudo.num_proposals.float().mean())}
+        if cfg.em.mode == "stats":
+            # Statistics live at the feature grid: pseudo labels are sampled (nearest) at patch centres.
+            grid_labels = F.interpolate(pseudo.labels[:, None].float(), size=features.shape[-2:], mode="nearest")
+            packed = batch_stats(normalized_pixels(features), grid_labels.long().reshape(-1), self.K)
+            dist.all_reduce_sum(packed)
+            summary = self.state.update(packed, cfg.em.momentum)
+            metrics.update({"em/objective": summary.objective, "class_usage_entropy": class_usage_entropy(summary.counts)})
+        else:
+            student_images = images
+            if cfg.em.photometric:
+                student_images = em_gradient.photometric_view(images, self.student_generator)
+            student_features = features if student_images is images else self.backbone(student_images)
+            loss, counts = self.engine.step(student_features, pseudo.labels)
+            self.state.set_prototypes(self.engine.teacher_prototypes())
+            metrics.update({"em/loss": loss, "class_usage_entropy": class_usage_entropy(counts)})
+        return metrics
+
+    def final_evaluation(self, tracker: Tracker) -> None:
+        """Evaluate the final prototypes on the validation split (never used to select checkpoints)."""
+        from primaps_dist.evaluate import evaluate_prototypes, write_reports
+
+        result = evaluate_prototypes(
+            self.cfg, self.env, self.backbone, self.state.prototypes, self.device,
+            num_overlays=self.cfg.tracking.num_overlays,
+        )
+        if not self.master:
+            return
+        report_dir = self.out_dir / "eval"
+        paths = write_reports(result, report_dir, self.cfg)
+        tracker.log_metrics({"eval/accuracy": result.scores["accuracy"], "eval/miou": result.scores["miou"]}, self.step)
+        for path in paths:
+            tracker.log_artifact(path, "eval")
+        latest = ckpt.find_latest(self.ckpt_dir)
+        if latest is not None:
+            tracker.log_artifact(latest / "checkpoint.pt", "checkpoint")
+        log.info("final evaluation: accuracy %.2f %%, mIoU %.2f %%", result.scores["accuracy"], result.scores["miou"])
+
+    # -- the loop ----------------------------------------------------------------------------------------
+
+    def run(self) -> int:
+        cfg, env = self.cfg, self.env
+        if self.master:
+            ckpt.ensure_writable_dir(self.out_dir, "train.output_dir")
+            save_config(cfg, self.out_dir / "config.yaml")
+        dist.barrier()
+        self.resume()
+        if cfg.em.mode == "gradient" and self.step >= self.stages.kmeans_end:
+            self._ensure_engine()
+
+        tracker = Tracker(cfg.tracking, is_main=self.master, output_dir=self.out_dir, run_id=self.mlflow_run_id)
+        self.mlflow_run_id = tracker.start(flatten(cfg.to_dict()), run_name=cfg.tracking.run_name or None)
+        if self.master and self.step == 0:
+            tracker.log_artifact(self.out_dir / "config.yaml")
+
+        # A resumed job re-enters the PCA stage from its start: the covariance is not checkpointed, and
+        # the deterministic stream replays the same batches, so the result is the same.
+        if self.step < self.stages.pca_end:
+            self.step = 0
+            self.loader_state = None
+        loader = make_train_loader(
+            cfg.data,
+            rank=env.rank,
+            world_size=env.world_size,
+            seed=cfg.train.seed,
+            start_step=self.step,
+            resume_state=self.loader_state,
+        )
+        batches = iter(loader)
+        progress = _progress_bar(self.master, self.stages.total, self.step)
+        timer = StepTimer()
+        window_steps, window_images, window_start, window_skipped = 0, 0, time.perf_counter(), 0
+        status, exit_code = "FINISHED", 0
+        try:
+            while self.step < self.stages.total:
+                stage = self.stages.name(self.step)
+                if stage == "em" and cfg.em.mode == "gradient":
+                    self._ensure_engine()
+                timer.lap("other", self.device)
+                batch = next(batches)
+                self.loader_state = collect_state(batch, self.loader_state)
+                window_skipped += int(batch.get("skipped", 0))
+                images = batch["image"].to(self.device, non_blocking=True)
+                timer.lap("data", self.device)
+                features = self.backbone(images)
+                timer.lap("backbone", self.device)
+                if stage == "pca":
+                    metrics = self.pca_step(features)
+                elif stage == "kmeans":
+                    metrics = self.kmeans_step(features)
+                else:
+                    metrics = self.em_step(images, features, timer)
+                timer.lap("update", self.device)
+                self.step += 1
+                window_steps += 1
+                window_images += images.shape[0]
+                progress.update(1)
+
+                at_log = self.step % cfg.train.log_every == 0 or self.step == self.stages.total
+                if at_log:
+                    # One small control collective per logging window: corrupt-sample totals and stop requests.
+                    control = torch.tensor([float(window_skipped), float(self.stop.requested)], dtype=torch.float64)
+                    dist.all_reduce_sum(control)
+                    self.skipped_total += int(control[0])
+                    window_skipped = 0
+                    stop_now = bool(control[1] > 0)
+                    elapsed = time.perf_counter() - window_start
+                    rate = window_images * env.world_size / max(elapsed, 1e-9)
+                    times = timer.pop()
+                    metrics = {
+                        **metrics,
+                        "images_per_s": rate,
+                        "skipped_samples": float(self.skipped_total),
+                        **{f"time/{name}": seconds / window_steps for name, seconds in times.items()},
+                    }
+                    tracker.log_metrics({"stage": float(["pca", "kmeans", "em"].index(stage)), **metrics}, self.step)
+                    progress.set_postfix(stage=stage, img_s=f"{rate:.1f}")
+                    window_steps, window_images, window_start = 0, 0, time.perf_counter()
+                    if stop_now:
+                        self.save()
+                        log.warning("stopped at step %d on request; checkpoint written", self.step)
+                        status, exit_code = "KILLED", EXIT_PREEMPTED
+                        break
+                if self.step >= self.stages.pca_end and (
+                    self.step % cfg.checkpoint.every_steps == 0 or self.step == self.stages.total
+                ):
+                    self.save()
+            if exit_code == 0 and self.cfg.data.val_shards:
+                self.final_evaluation(tracker)
+        except BaseException:
+            status = "FAILED"
+            raise
+        finally:
+            progress.close()
+            tracker.finish(status)
+        return exit_code
+
+
+def _progress_bar(enabled: bool, total: int, start: int):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, disable=not enabled, desc="train", unit="step", dynamic_ncols=True)
+
+
+# ------------------------------------------------------------------------------------------ entry point
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="primaps_dist.train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="YAML config file (configs/*.yaml)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    cfg = load_config(args.config, args.overrides)
+    env = dist.init_distributed(cfg.dist, cfg.train.device)
+    setup_logging(env.rank)
+    torch.manual_seed(cfg.train.seed)
+    try:
+        return Trainer(cfg, env).run()
+    finally:
+        dist.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
