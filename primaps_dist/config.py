@@ -291,6 +291,11 @@ def _typed_value(value: Any, default: Any, key: str) -> Any:
     if isinstance(default, float):
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(key, f"expected a number, got {value!r}")
     if isinstance(default, str):
         if isinstance(value, str):
