@@ -191,6 +191,7 @@ class TrainConfig:
     em_steps: int = 1000  # PriMaPs-EM steps
     log_every: int = 10
     device: str = "auto"  # auto | cpu | cuda
+    verify_every: int = 0  # every N steps all-gather a prototype checksum and fail if ranks differ (0 = off)
 
     def validate(self, prefix: str = "train") -> None:
         _require(bool(self.output_dir), f"{prefix}.output_dir", "must not be empty")
@@ -199,6 +200,7 @@ class TrainConfig:
         _require(self.em_steps >= 0, f"{prefix}.em_steps", f"must be >= 0, got {self.em_steps}")
         _require(self.log_every >= 1, f"{prefix}.log_every", f"must be >= 1, got {self.log_every}")
         _choice(self.device, ("auto", "cpu", "cuda"), f"{prefix}.device")
+        _require(self.verify_every >= 0, f"{prefix}.verify_every", f"must be >= 0, got {self.verify_every}")
 
 
 @dataclass

@@ -18,8 +18,10 @@ head/optimizer state, each rank's data-stream position and RNG states, and the M
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import math
+import os
 import signal
 import sys
 import time
@@ -98,6 +100,26 @@ def class_usage_entropy(counts: torch.Tensor) -> float:
     p = p / total
     entropy = -(p[p > 0] * p[p > 0].log()).sum()
     return float(entropy / math.log(counts.numel()))
+
+
+def inject_fault(step: int, rank: int) -> None:
+    """Fault injection for resilience tests: ``PRIMAPS_FAULT=kill@STEP[:RANK]`` SIGKILLs that rank when it
+    reaches STEP, on the first attempt only (torchrun's restart count 0), so an elastic restart can recover."""
+    spec = os.environ.get("PRIMAPS_FAULT", "")
+    if not spec.startswith("kill@") or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return
+    at, _, who = spec[len("kill@"):].partition(":")
+    if step == int(at) and rank == int(who or 0):
+        log.warning("fault injection: SIGKILL at step %d", step)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def verify_identical(prototypes: torch.Tensor, step: int) -> None:
+    """All-gather the exact bytes' checksum of the prototypes; raise if any rank differs (bitwise check)."""
+    digest = hashlib.sha256(prototypes.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+    digests = dist.all_gather_object(digest)
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"prototypes differ across ranks at step {step}: {digests}")
 
 
 @dataclass
@@ -369,6 +391,9 @@ class Trainer:
                     metrics = self.em_step(images, features, timer)
                 timer.lap("update", self.device)
                 self.step += 1
+                if cfg.train.verify_every and self.step > self.stages.pca_end and self.step % cfg.train.verify_every == 0:
+                    verify_identical(self.state.prototypes, self.step)
+                inject_fault(self.step, env.rank)
                 window_steps += 1
                 window_images += images.shape[0]
                 progress.update(1)
