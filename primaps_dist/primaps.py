@@ -1,0 +1,401 @@
+"""PriMaPs: batched principal mask proposals (ALGORITHM.md section 2).
+
+One call processes a whole batch of feature maps; the only Python loops are over proposal rounds
+(at most ``max_masks``) and over the iterations of the eigen-solver inside a round.
+
+Per image and round (all images of the batch at once):
+
+1. First principal direction ``v`` of the centred features at the still *free* positions. The
+   un-normalised covariance ``A = G_free - S S^T / n_free`` is kept as a running Gram matrix
+   ``G_free = sum_free x x^T`` ([B, C, C]) and sum ``S = sum_free x`` ([B, C]); covered positions
+   are subtracted (down-dated) once, when they get covered. ``v`` is the top eigenvector of ``A``,
+   found by block subspace iteration with Rayleigh-Ritz (block of ``_BLOCK`` vectors, warm-started
+   from the previous round's Ritz basis) until the relative residual ``||A v - theta v|| / theta``
+   drops below ``_RESIDUAL_TOL``. No [B, h*w, h*w] tensor is ever built.
+2. ``s = <v, n>`` with ``n = f / ||f||``; ``s = 0`` at covered positions.
+   **Sign rule** (a principal direction has no intrinsic sign): ``v`` is flipped so that the free
+   position with the largest ``|s|`` (first one in row-major order on ties) has ``s > 0``. Hence the
+   most extreme free position along the principal axis is always on the positive side, and
+   ``max(s) > 0`` over free positions unless ``s`` vanishes there.
+3. Nearest-neighbour refinement: ``v = n[p]`` at ``p = argmax`` of ``s`` over free positions (first
+   one on ties); ``s = <v, n>``, ``s = 0`` at covered positions.
+4. ``s[s < threshold * max(s)] = 0``; ``s = s / max(s)`` is the soft proposal.
+5. Positions with ``s > 0`` become covered.
+6. Stop an image when the covered fraction reaches ``coverage``, when it has ``max_masks``
+   proposals, or when a round covers nothing new. The reference keeps the last three coverage
+   states and stops when they agree; here every round is a deterministic function of the coverage
+   state, so one unchanged round already means that nothing will ever change again. Such an empty
+   round adds no proposal (the reference would add an all-zero / NaN mask).
+
+Images that are done keep their state while the others continue; the working batch is compacted
+(geometrically) so finished images stop costing compute.
+
+Degenerate inputs: positions whose feature vector is zero can never be covered (``s = 0`` there)
+and end up as background; constant features give one proposal covering everything.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["principal_masks", "postprocess_masks", "mask_logits", "median_filter_3x3", "upsample_logits"]
+
+# Subspace size of the block eigen-solver. A batched [C, C] x [C, k] product costs about the same
+# for k = 1..16 (memory bound on G), while convergence improves as (lambda_{k+1} / lambda_1)^iters.
+_BLOCK = 16
+_RESIDUAL_TOL = 1e-4
+_MAX_SOLVER_ITERS = 60
+# A covariance whose top eigenvalue is below this fraction of the image's total variance is treated
+# as zero (e.g. constant features): its direction is arbitrary and needs no convergence.
+_DEGENERATE_EIGENVALUE = 1e-6
+_BASIS_SEED = 0x5EED
+
+
+def _validate(features: torch.Tensor, threshold: float, coverage: float, max_masks: int) -> None:
+    if not isinstance(features, torch.Tensor):
+        raise ValueError(f"features must be a torch.Tensor, got {type(features).__name__}")
+    if features.dim() != 4:
+        raise ValueError(f"features must have shape [B, C, h, w], got {tuple(features.shape)}")
+    if not features.is_floating_point():
+        raise ValueError(f"features must be a floating point tensor, got dtype {features.dtype}")
+    if min(features.shape) == 0:
+        raise ValueError(f"features must not have an empty dimension, got {tuple(features.shape)}")
+    if not 0.0 <= float(threshold) <= 1.0:
+        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+    if not 0.0 < float(coverage) <= 1.0:
+        raise ValueError(f"coverage must be in (0, 1], got {coverage}")
+    if isinstance(max_masks, bool) or int(max_masks) != max_masks or max_masks < 1:
+        raise ValueError(f"max_masks must be a positive integer, got {max_masks}")
+
+
+def _start_basis(centred: torch.Tensor, block: int) -> torch.Tensor:
+    """Deterministic orthonormal start basis [b, k, C] (rows) for the first round.
+
+    A randomised range finder: random combinations of the image's centred features
+    (``centred`` [b, C, P]), i.e. one implicit power step, so the first round starts close to the
+    dominant subspace. The sketch matrix is drawn on the CPU with a fixed seed (same on every device).
+    """
+    batch, channels, positions = centred.shape
+    generator = torch.Generator().manual_seed(_BASIS_SEED)
+    sketch = torch.randn(positions, block, generator=generator, dtype=torch.float32).to(centred.device)
+    return torch.linalg.qr(centred @ sketch).Q.transpose(1, 2).contiguous()
+
+
+def _top_direction(
+    gram: torch.Tensor,
+    free_sum: torch.Tensor,
+    free_count: torch.Tensor,
+    basis: torch.Tensor,
+    active: torch.Tensor,
+    total_variance: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top eigenvector of ``A = gram - free_sum free_sum^T / free_count`` per image.
+
+    Block subspace iteration with Rayleigh-Ritz; vectors are stored as rows ([b, k, C] @ [b, C, C]
+    streams the Gram matrix faster than [b, C, C] @ [b, C, k]). Images stop iterating once their
+    relative residual ``||A v - theta v|| / theta`` is below ``_RESIDUAL_TOL`` (their result then no
+    longer depends on the rest of the batch).
+
+    gram [b, C, C] symmetric, free_sum [b, C], free_count [b] float, basis [b, k, C] orthonormal rows
+    (warm start), active [b] bool (inactive images only pass through), total_variance [b].
+    Returns (direction [b, C] unit norm, Ritz basis [b, k, C] by decreasing Ritz value).
+    """
+    inverse_count = (1.0 / free_count.clamp(min=1.0))[:, None, None]
+    sums = free_sum.unsqueeze(1)  # [b, 1, C]
+    converged = ~active
+    direction = basis[:, 0]
+    ritz_basis = basis
+    rows = basis
+    floor = _DEGENERATE_EIGENVALUE * total_variance
+    for iteration in range(_MAX_SOLVER_ITERS):
+        applied = torch.baddbmm(rows @ gram, (rows @ sums.transpose(1, 2)) * inverse_count, sums, alpha=-1.0)
+        projected = rows @ applied.transpose(1, 2)
+        projected = 0.5 * (projected + projected.transpose(1, 2))
+        values, rotation = torch.linalg.eigh(projected)
+        rotation = rotation.flip(-1).transpose(1, 2)  # rows = Ritz coefficients, largest first
+        top = values[:, -1]
+        ritz = rotation @ rows
+        applied_ritz = rotation @ applied
+        residual = torch.linalg.vector_norm(applied_ritz[:, 0] - top[:, None] * ritz[:, 0], dim=1)
+        done_now = (residual <= _RESIDUAL_TOL * top) | (top <= floor)
+        last = iteration == _MAX_SOLVER_ITERS - 1
+        take = ~converged & (done_now | last)
+        direction = torch.where(take[:, None], ritz[:, 0], direction)
+        ritz_basis = torch.where(take[:, None, None], ritz, ritz_basis)
+        converged = converged | done_now
+        if last or bool(converged.all()):
+            break
+        stepped = torch.linalg.qr(applied_ritz.transpose(1, 2)).Q.transpose(1, 2)
+        rows = torch.where(converged[:, None, None], rows, stepped)
+    return F.normalize(direction, dim=1), ritz_basis
+
+
+def _first_index_of_max(values: torch.Tensor) -> torch.Tensor:
+    """Index of the first maximum along dim 1 (explicit, so ties never depend on the backend)."""
+    peak = values.amax(dim=1, keepdim=True)
+    positions = torch.arange(values.shape[1], device=values.device).expand_as(values)
+    return torch.where(values == peak, positions, values.shape[1]).amin(dim=1)
+
+
+class _WorkingSet:
+    """Per-image state of the proposal loop for the images still in the working batch."""
+
+    _STATE = (
+        "rows", "features", "inverse_norm", "mean", "gram", "free_sum", "total_variance", "free",
+        "free_count", "basis", "running", "counts", "mask_id", "mask_value",
+    )
+
+    def __init__(self, features: torch.Tensor, block: int):
+        batch, channels, height, width = features.shape
+        positions = height * width
+        device = features.device
+        flat = features.detach().to(torch.float32).reshape(batch, channels, positions)
+        norm = torch.linalg.vector_norm(flat, dim=1)  # [b, P]
+        if not bool(torch.isfinite(norm).all()) and not bool(torch.isfinite(flat).all()):
+            raise ValueError("features contain NaN or Inf values")
+        self.rows = torch.arange(batch, device=device)  # full-batch index of each working image
+        self.features = flat  # [b, C, P]
+        self.inverse_norm = 1.0 / norm.clamp(min=1e-12)  # same eps as F.normalize
+        self.mean = flat.mean(dim=2)  # [b, C]
+        # Centre first: the covariance is shift invariant and the float32 Gram matrix then does not
+        # lose digits to a large common mean.
+        centred = flat - self.mean.unsqueeze(2)
+        self.gram = centred @ centred.transpose(1, 2)  # [b, C, C]
+        self.free_sum = centred.sum(dim=2)  # [b, C]
+        self.total_variance = torch.diagonal(self.gram, dim1=1, dim2=2).sum(dim=1)
+        self.basis = _start_basis(centred, min(block, channels))
+        del centred
+        self.free = torch.ones(batch, positions, dtype=torch.bool, device=device)
+        self.free_count = torch.full((batch,), positions, dtype=torch.int64, device=device)
+        self.running = torch.ones(batch, dtype=torch.bool, device=device)
+        self.counts = torch.zeros(batch, dtype=torch.int64, device=device)
+        self.mask_id = torch.zeros(batch, positions, dtype=torch.int64, device=device)
+        self.mask_value = torch.zeros(batch, positions, dtype=torch.float32, device=device)
+
+    def keep_only(self, selection: torch.Tensor) -> None:
+        for name in self._STATE:
+            setattr(self, name, getattr(self, name)[selection])
+
+    def cosine_to(self, direction: torch.Tensor) -> torch.Tensor:
+        """<direction, n> at every position: direction [b, C] -> [b, P], 0 at covered positions."""
+        dots = (direction.unsqueeze(1) @ self.features).squeeze(1) * self.inverse_norm
+        return dots.masked_fill(~self.free, 0.0)
+
+    def unit_feature(self, position: torch.Tensor) -> torch.Tensor:
+        """n at one position per image: position [b] -> [b, C]."""
+        column = self.features.gather(2, position[:, None, None].expand(-1, self.features.shape[1], 1))
+        return column.squeeze(2) * self.inverse_norm.gather(1, position[:, None])
+
+    def cover(self, keep: torch.Tensor) -> torch.Tensor:
+        """Mark ``keep`` [b, P] positions covered; down-date Gram and sum. Returns count per image."""
+        newly = keep.sum(dim=1)
+        widest = int(newly.max())
+        if widest > 0:
+            order = torch.sort(keep.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :widest]
+            valid = torch.arange(widest, device=keep.device)[None, :] < newly[:, None]
+            columns = self.features.gather(2, order[:, None, :].expand(-1, self.features.shape[1], -1))
+            columns = (columns - self.mean.unsqueeze(2)) * valid[:, None, :]
+            self.gram = torch.baddbmm(self.gram, columns, columns.transpose(1, 2), alpha=-1.0)
+            self.free_sum = self.free_sum - columns.sum(dim=2)
+        self.free = self.free & ~keep
+        self.free_count = self.free_count - newly
+        return newly
+
+
+def _proposal_round(state: _WorkingSet, threshold: float, coverage: float, max_masks: int) -> None:
+    """One PriMaPs round for every running image of the working set (updates ``state`` in place)."""
+    positions = state.free.shape[1]
+    direction, state.basis = _top_direction(
+        state.gram, state.free_sum, state.free_count.to(torch.float32), state.basis, state.running,
+        state.total_variance,
+    )
+    similarity = state.cosine_to(direction)
+    # Sign rule: the free position with the largest |s| gets a positive similarity.
+    extreme = _first_index_of_max(similarity.abs())
+    sign = torch.where(similarity.gather(1, extreme[:, None]) < 0, -1.0, 1.0)
+    similarity = similarity * sign
+    # Nearest-neighbour refinement from the best free position.
+    seed = _first_index_of_max(similarity.masked_fill(~state.free, float("-inf")))
+    similarity = state.cosine_to(state.unit_feature(seed))
+    peak = similarity.amax(dim=1)
+    productive = state.running & (peak > 0)
+    keep = state.free & productive[:, None] & (similarity > 0) & (similarity >= threshold * peak[:, None])
+
+    state.counts = state.counts + productive.to(torch.int64)
+    state.mask_id = torch.where(keep, state.counts[:, None], state.mask_id)
+    normalised = similarity / torch.where(productive, peak, 1.0)[:, None]
+    state.mask_value = torch.where(keep, normalised, state.mask_value)
+    state.cover(keep)
+    # Same float32 comparison as the reference's `(covered / numel) < 0.95` loop condition.
+    covered_fraction = (positions - state.free_count).to(torch.float32) / positions
+    state.running = productive & (covered_fraction < coverage) & (state.counts < max_masks)
+
+
+@torch.no_grad()
+def principal_masks(
+    features: torch.Tensor,
+    threshold: float = 0.4,
+    coverage: float = 0.95,
+    max_masks: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Soft principal mask proposals of a batch of feature maps (before post-processing).
+
+    Args:
+        features: [B, C, h, w] floating point feature maps (any float dtype; computed in float32).
+        threshold: relative threshold of step 4 (0.4 in the paper).
+        coverage: stop an image once this fraction of its positions is covered.
+        max_masks: upper bound on the number of proposals (and rounds) per image.
+
+    Returns:
+        masks: [B, M, h, w] float32 in [0, 1], M = max(1, largest proposal count in the batch);
+            proposal ``k`` of image ``b`` is ``masks[b, k]``; masks of one image are disjoint;
+            channels ``k >= counts[b]`` are all zero.
+        counts: [B] int64 number of proposals per image.
+
+    Raises:
+        ValueError: wrong shape or dtype, NaN/Inf values, or an invalid parameter.
+    """
+    _validate(features, threshold, coverage, max_masks)
+    batch, _, height, width = features.shape
+    device = features.device
+    state = _WorkingSet(features, _BLOCK)
+    mask_id = torch.zeros(batch, height * width, dtype=torch.int64, device=device)
+    mask_value = torch.zeros(batch, height * width, dtype=torch.float32, device=device)
+    counts = torch.zeros(batch, dtype=torch.int64, device=device)
+
+    def store(rows_state: _WorkingSet) -> None:
+        mask_id[rows_state.rows] = rows_state.mask_id
+        mask_value[rows_state.rows] = rows_state.mask_value
+        counts[rows_state.rows] = rows_state.counts
+
+    for _ in range(int(max_masks)):
+        running = int(state.running.sum())
+        if running == 0:
+            break
+        if running <= 0.75 * state.rows.numel():
+            store(state)
+            state.keep_only(state.running.nonzero().squeeze(1))
+        _proposal_round(state, float(threshold), float(coverage), int(max_masks))
+    store(state)
+
+    channels = max(1, int(counts.max()))
+    masks = torch.zeros(batch, channels, height * width, dtype=torch.float32, device=device)
+    masks.scatter_(1, (mask_id - 1).clamp(min=0).unsqueeze(1), mask_value.unsqueeze(1))
+    return masks.reshape(batch, channels, height, width), counts
+
+
+def _reflect_index(size: int, device: torch.device) -> torch.Tensor:
+    """Indices of a 1-pixel reflect padding (replicate when size == 1, where reflect is undefined)."""
+    index = torch.arange(-1, size + 1, device=device)
+    index = torch.where(index < 0, -index, index)
+    index = torch.where(index >= size, 2 * (size - 1) - index, index)
+    return index.clamp(0, size - 1)
+
+
+def median_filter_3x3(images: torch.Tensor) -> torch.Tensor:
+    """3x3 median filter with reflect padding over the last two dims of ``images`` [..., H, W].
+
+    Exact median of 9 as ``med3(max of column minima, med3 of column medians, min of column
+    maxima)`` after sorting every vertical triple; elementwise ops on shifted views only.
+    """
+    height, width = images.shape[-2:]
+    padded = images.index_select(-2, _reflect_index(height, images.device))
+    padded = padded.index_select(-1, _reflect_index(width, images.device))
+    up, centre, down = padded[..., :-2, :], padded[..., 1:-1, :], padded[..., 2:, :]
+    low, high = torch.minimum(up, centre), torch.maximum(up, centre)
+    middle = torch.maximum(low, torch.minimum(high, down))
+    high, low = torch.maximum(high, down), torch.minimum(low, down)
+
+    def columns(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return t[..., :-2], t[..., 1:-1], t[..., 2:]
+
+    low_l, low_c, low_r = columns(low)
+    mid_l, mid_c, mid_r = columns(middle)
+    high_l, high_c, high_r = columns(high)
+    max_low = torch.maximum(torch.maximum(low_l, low_c), low_r)
+    min_high = torch.minimum(torch.minimum(high_l, high_c), high_r)
+    med_mid = _median3(mid_l, mid_c, mid_r)
+    return _median3(max_low, med_mid, min_high)
+
+
+def _median3(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    return torch.maximum(torch.minimum(a, b), torch.minimum(torch.maximum(a, b), c))
+
+
+@torch.no_grad()
+def postprocess_masks(masks: torch.Tensor, counts: torch.Tensor, median_filter: bool = True) -> torch.Tensor:
+    """Turn soft proposals into pre-CRF log-probabilities (ALGORITHM.md section 2, post-processing).
+
+    Args:
+        masks: [B, M, h, w] float soft proposals in [0, 1] (channels ``>= counts[b]`` are ignored).
+        counts: [B] int64 number of valid proposals per image.
+        median_filter: apply the 3x3 median filter (reflect padding) to every mask first.
+
+    Returns:
+        [B, 1 + M, h, w] float32 log-probabilities; channel 0 is the background
+        ``clip(mean(nonzero mask values) - sum(masks), 0, 1)`` (mean taken as 1 when an image has no
+        nonzero value, i.e. all background); channels of unused proposals hold ``-inf``.
+    """
+    if masks.dim() != 4:
+        raise ValueError(f"masks must have shape [B, M, h, w], got {tuple(masks.shape)}")
+    if counts.shape != masks.shape[:1]:
+        raise ValueError(f"counts must have shape [{masks.shape[0]}], got {tuple(counts.shape)}")
+    masks = masks.to(torch.float32)
+    valid = torch.arange(masks.shape[1], device=masks.device)[None, :] < counts.to(masks.device)[:, None]
+    valid = valid[:, :, None, None]
+    if median_filter:
+        masks = median_filter_3x3(masks)
+    masks = torch.where(valid, (masks * 10.0).clamp(0.0, 1.0), 0.0)
+    nonzero = (masks != 0).sum(dim=(1, 2, 3))
+    mean_nonzero = torch.where(nonzero > 0, masks.sum(dim=(1, 2, 3)) / nonzero.clamp(min=1), 1.0)
+    background = (mean_nonzero[:, None, None, None] - masks.sum(dim=1, keepdim=True)).clamp(0.0, 1.0)
+    logits = torch.cat([background, masks.masked_fill(~valid, float("-inf"))], dim=1)
+    return torch.log_softmax(logits, dim=1)
+
+
+@torch.no_grad()
+def mask_logits(
+    features: torch.Tensor,
+    threshold: float = 0.4,
+    coverage: float = 0.95,
+    max_masks: int = 64,
+    median_filter: bool = True,
+) -> torch.Tensor:
+    """PriMaPs pre-CRF log-probabilities of a batch of feature maps.
+
+    Args:
+        features: [B, C, h, w] floating point feature maps (computed in float32).
+        threshold, coverage, max_masks: see :func:`principal_masks`.
+        median_filter: 3x3 median filter on the proposals (paper: on).
+
+    Returns:
+        [B, 1 + M, h, w] float32 log-probabilities, channel 0 = background, M = max(1, largest
+        proposal count in the batch); unused channels are ``-inf`` (softmax gives exactly 0).
+        ``argmax`` over dim 1 gives the (pre-CRF) mask id per position.
+    """
+    masks, counts = principal_masks(features, threshold=threshold, coverage=coverage, max_masks=max_masks)
+    return postprocess_masks(masks, counts, median_filter=median_filter)
+
+
+def upsample_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear (align_corners=False) resize of log-probabilities that may contain ``-inf``.
+
+    Plain ``F.interpolate`` turns ``-inf`` into NaN wherever a ``-inf`` neighbour has interpolation
+    weight exactly 0 (``0 * -inf``), e.g. at the borders, and ``argmax`` then picks that channel. Here
+    an output is ``-inf`` exactly when a neighbour with positive weight is ``-inf``; other values are
+    the usual interpolation of the finite values.
+
+    logits [B, L, h, w] float -> [B, L, H, W] float32.
+    """
+    logits = logits.to(torch.float32)
+    size = (int(size[0]), int(size[1]))
+    if tuple(logits.shape[-2:]) == size:
+        return logits
+    forbidden = torch.isneginf(logits)
+    finite = logits.masked_fill(forbidden, 0.0)
+    resized = F.interpolate(finite, size=size, mode="bilinear", align_corners=False)
+    if bool(forbidden.any()):
+        reach = F.interpolate(forbidden.to(torch.float32), size=size, mode="bilinear", align_corners=False)
+        resized = resized.masked_fill(reach > 0, float("-inf"))
+    return resized

@@ -1,0 +1,187 @@
+"""Pseudo labels from PriMaPs proposals and class prototypes (ALGORITHM.md section 3, the E-step).
+
+``generate`` runs the whole chain for a batch: proposals (``primaps.mask_logits``) -> bilinear
+upsampling to the label size -> optional dense CRF -> ``argmax`` (mask id per pixel, 0 = background)
+-> every proposal takes the most frequent prototype class among its pixels. Everything is batched;
+the only loops are over memory-bounded chunks of images in the label-resolution stages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from primaps_dist.primaps import postprocess_masks, principal_masks, upsample_logits
+
+__all__ = ["PseudoLabels", "assemble", "predict_classes", "generate"]
+
+# Upper bound on elements of one label-resolution [chunk, channels, H, W] float tensor (~256 MB).
+_CHUNK_ELEMENTS = 64 * 1024 * 1024
+
+CrfFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class PseudoLabels:
+    """Output of :func:`generate`.
+
+    labels: [B, H', W'] int64 class per pixel, ``ignore_index`` (255) on background / unlabelled.
+    mask_ids: [B, H', W'] int64 proposal id per pixel after CRF + argmax (0 = background).
+    num_proposals: [B] int64 number of PriMaPs proposals per image (before the CRF; a proposal can
+        lose all its pixels in the CRF / argmax).
+    """
+
+    labels: torch.Tensor
+    mask_ids: torch.Tensor
+    num_proposals: torch.Tensor
+
+
+def _chunks(batch: int, per_image: int) -> list[slice]:
+    size = max(1, _CHUNK_ELEMENTS // max(1, per_image))
+    return [slice(start, min(batch, start + size)) for start in range(0, batch, size)]
+
+
+def assemble(
+    mask_ids: torch.Tensor, class_pred: torch.Tensor, num_classes: int, ignore_index: int = 255
+) -> torch.Tensor:
+    """Give every proposal the mode of the predicted classes inside it.
+
+    Args:
+        mask_ids: [B, H, W] int64, 0 = background (ignored), 1..M = proposal ids.
+        class_pred: [B, H, W] int64 class per pixel in [0, num_classes).
+        num_classes: K.
+        ignore_index: label of background pixels (must not be a class id).
+
+    Returns:
+        [B, H, W] int64: the mode of ``class_pred`` over each proposal's pixels (ties -> smallest
+        class id) on all its pixels, ``ignore_index`` on background.
+    """
+    if mask_ids.dim() != 3 or class_pred.shape != mask_ids.shape:
+        raise ValueError(
+            f"mask_ids and class_pred must both have shape [B, H, W], got {tuple(mask_ids.shape)} "
+            f"and {tuple(class_pred.shape)}"
+        )
+    if mask_ids.is_floating_point() or class_pred.is_floating_point():
+        raise ValueError("mask_ids and class_pred must be integer tensors")
+    if int(num_classes) < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if 0 <= ignore_index < num_classes:
+        raise ValueError(f"ignore_index {ignore_index} collides with a class id (num_classes={num_classes})")
+    batch = mask_ids.shape[0]
+    mask_ids = mask_ids.to(torch.int64)
+    class_pred = class_pred.to(device=mask_ids.device, dtype=torch.int64)
+    if mask_ids.numel() == 0:
+        return torch.full_like(mask_ids, ignore_index)
+    if int(mask_ids.min()) < 0:
+        raise ValueError("mask_ids must be >= 0")
+    if int(class_pred.min()) < 0 or int(class_pred.max()) >= num_classes:
+        raise ValueError(f"class_pred must lie in [0, {num_classes})")
+    slots = int(mask_ids.max()) + 1
+    image = torch.arange(batch, device=mask_ids.device)[:, None, None]
+    key = ((image * slots + mask_ids) * num_classes + class_pred).reshape(-1)
+    histogram = torch.bincount(key, minlength=batch * slots * num_classes).reshape(batch, slots, num_classes)
+    # First maximum = smallest class id among the tied most frequent ones (explicit, backend-proof).
+    peak = histogram.amax(dim=2, keepdim=True)
+    classes = torch.arange(num_classes, device=mask_ids.device).expand_as(histogram)
+    mode = torch.where(histogram == peak, classes, num_classes).amin(dim=2)  # [B, slots]
+    labels = mode.gather(1, mask_ids.reshape(batch, -1)).reshape(mask_ids.shape)
+    return labels.masked_fill(mask_ids == 0, ignore_index)
+
+
+def predict_classes(features: torch.Tensor, prototypes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Nearest prototype per pixel at label resolution.
+
+    ``argmax_k <mu_k, normalise(upsample(f))>``. Normalisation does not change the argmax over k and
+    bilinear upsampling is linear and acts on every channel alike, so this equals
+    ``argmax_k upsample(<mu_k, f>)``, which is what is computed: the K scores at patch resolution are
+    upsampled (bilinear, align_corners=False) instead of the C-channel features. The prototypes are
+    used as given (pass unit vectors for cosine similarity).
+
+    Args:
+        features: [B, C, h, w] float.
+        prototypes: [K, C] float.
+        size: (H, W) label resolution.
+
+    Returns:
+        [B, H, W] int64 class ids in [0, K).
+    """
+    if features.dim() != 4:
+        raise ValueError(f"features must have shape [B, C, h, w], got {tuple(features.shape)}")
+    if prototypes.dim() != 2 or prototypes.shape[1] != features.shape[1]:
+        raise ValueError(
+            f"prototypes must have shape [K, {features.shape[1]}], got {tuple(prototypes.shape)}"
+        )
+    height, width = int(size[0]), int(size[1])
+    weights = prototypes.to(device=features.device, dtype=torch.float32)
+    scores = torch.einsum("kc,bchw->bkhw", weights, features.to(torch.float32))
+    out = torch.empty(features.shape[0], height, width, dtype=torch.int64, device=features.device)
+    for part in _chunks(features.shape[0], prototypes.shape[0] * height * width):
+        resized = F.interpolate(scores[part], size=(height, width), mode="bilinear", align_corners=False)
+        out[part] = resized.argmax(dim=1)
+    return out
+
+
+def _resize_images(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """[B, 3, H, W] in 0..1 -> float32 [B, 3, size] in 0..255 (bilinear with antialias if shrinking)."""
+    images = images.to(torch.float32)
+    if tuple(images.shape[-2:]) != size:
+        images = F.interpolate(images, size=size, mode="bilinear", align_corners=False, antialias=True)
+    return (images * 255.0).clamp(0.0, 255.0)
+
+
+@torch.no_grad()
+def generate(
+    features: torch.Tensor,
+    images: torch.Tensor,
+    prototypes: torch.Tensor,
+    *,
+    threshold: float = 0.4,
+    coverage: float = 0.95,
+    max_masks: int = 64,
+    median_filter: bool = True,
+    crf_fn: Optional[CrfFn] = None,
+    label_size: Optional[tuple[int, int]] = None,
+    ignore_index: int = 255,
+) -> PseudoLabels:
+    """PriMaPs pseudo labels for a batch.
+
+    Args:
+        features: [B, C, h, w] float backbone features.
+        images: [B, 3, H, W] float RGB in 0..1 (resized to ``label_size`` if it differs).
+        prototypes: [K, C] class prototypes (unit vectors).
+        threshold, coverage, max_masks, median_filter: PriMaPs parameters (see ``primaps``).
+        crf_fn: optional ``crf_fn(logits [b, L, H', W'] float32 with -inf, images [b, 3, H', W']
+            float32 0..255) -> [b, L, H', W']`` probabilities or log-probabilities (only the argmax
+            is used), e.g. ``functools.partial(primaps_dist.crf.dense_crf, iterations=10)``.
+        label_size: (H', W'); default the image size.
+        ignore_index: label of unlabelled pixels.
+
+    Returns:
+        :class:`PseudoLabels` on the device of ``features``.
+    """
+    if images.dim() != 4 or images.shape[1] != 3 or images.shape[0] != features.shape[0]:
+        raise ValueError(
+            f"images must have shape [{features.shape[0]}, 3, H, W], got {tuple(images.shape)}"
+        )
+    size = tuple(images.shape[-2:]) if label_size is None else (int(label_size[0]), int(label_size[1]))
+    if min(size) < 1:
+        raise ValueError(f"label_size must be positive, got {size}")
+    masks, counts = principal_masks(features, threshold=threshold, coverage=coverage, max_masks=max_masks)
+    batch = features.shape[0]
+    device = features.device
+    mask_ids = torch.empty(batch, *size, dtype=torch.int64, device=device)
+    images = images.to(device)
+    for part in _chunks(batch, (masks.shape[1] + 1) * size[0] * size[1]):
+        part_counts = counts[part]
+        used = max(1, int(part_counts.max()))  # drop channels no image of this chunk uses
+        logits = postprocess_masks(masks[part, :used], part_counts, median_filter=median_filter)
+        logits = upsample_logits(logits, size)
+        if crf_fn is not None:
+            logits = crf_fn(logits, _resize_images(images[part], size))
+        mask_ids[part] = logits.argmax(dim=1)
+    classes = predict_classes(features, prototypes, size)
+    labels = assemble(mask_ids, classes, prototypes.shape[0], ignore_index=ignore_index)
+    return PseudoLabels(labels=labels, mask_ids=mask_ids, num_proposals=counts)
