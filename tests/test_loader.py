@@ -306,7 +306,7 @@ def test_labels_stay_aligned_through_scale_crop_and_flip(shard_dir):
         nearest = ((pixels - colours[None]) ** 2).sum(-1).argmin(-1)
         agree += int((nearest == batch["label"].reshape(-1)).sum())
         total += nearest.numel()
-    assert agree / total > 0.97  # only pixels on band borders may disagree
+    assert agree / total > 0.99  # only pixels on band borders may disagree (measured: about 0.1 %)
 
 
 def test_jpeg_decodes_at_reduced_scale_deterministically(tmp_path):

@@ -104,6 +104,7 @@ def read_shard(path: str) -> Iterator[dict | ShardProblem]:
                         continue
                     prefix, suffix = base_plus_ext(info.name)
                     data = stream.extractfile(info).read()
+                    stream.members = []  # a streaming TarFile would otherwise keep every header
                     members += 1
                     if prefix is None:
                         yield ShardProblem(path, info.name, "member name has no extension; ignored")
