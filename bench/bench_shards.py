@@ -19,7 +19,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -74,7 +73,8 @@ def main() -> int:
                 )
             )  # fmt: skip
         megabytes = folder_bytes(out) / 1e6
-        print(f"make-shards write: {args.train / seconds:8.1f} images/s, {megabytes / seconds:6.1f} MB/s (PNG + label, 1 process)")
+        rate = f"{args.train / seconds:8.1f} images/s, {megabytes / seconds:6.1f} MB/s"
+        print(f"make-shards write: {rate} (PNG + label, 1 process)")
 
         shard_list = resolve_shards(str(out), "bench")
         count, seconds = timed(lambda: sum(1 for path in shard_list for _ in read_shard(path)))

@@ -416,3 +416,13 @@ def test_only_broken_shards_do_not_hang(tmp_path):
     cfg = data_cfg(str(tmp_path), max_corrupt_fraction=1.0)
     with pytest.raises(UserError, match="data.train_shards: no shard yields any sample"):
         next(make_train_loader(cfg, rank=0, world_size=1, seed=0))
+
+
+def test_undecodable_samples_only_do_not_hang(tmp_path, monkeypatch):
+    import primaps_dist.data.loader as loader_module
+
+    monkeypatch.setattr(loader_module, "MAX_UNUSABLE_IN_A_ROW", 40)
+    write_tar(tmp_path / "000000.tar", [(f"k{i}.png", b"garbage") for i in range(7)])
+    cfg = data_cfg(str(tmp_path), max_corrupt_fraction=1.0)
+    with pytest.raises(UserError, match=r"the last 40 in a row; shards with problems: .*000000.tar \(40\)"):
+        next(make_train_loader(cfg, rank=0, world_size=1, seed=0))

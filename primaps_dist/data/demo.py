@@ -155,7 +155,9 @@ def texture_view(rng: np.random.Generator, source: Image.Image, size: int) -> np
     return np.clip(view * brightness, 0.0, 1.0)
 
 
-def make_sample(rng: np.random.Generator, sources: Sequence[Image.Image], size: int, must_have: int) -> tuple[np.ndarray, np.ndarray]:
+def make_sample(
+    rng: np.random.Generator, sources: Sequence[Image.Image], size: int, must_have: int
+) -> tuple[np.ndarray, np.ndarray]:
     """One mosaic: (image ``uint8 [size, size, 3]``, labels ``uint8 [size, size]``); class ``must_have`` appears."""
     num_classes = len(sources)
     regions = region_map(rng, size, int(rng.integers(3, 7)))
@@ -230,7 +232,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as err:
         raise UserError(f"--out {out}: cannot create the folder ({err.strerror or err})") from None
     info = generate(out, seed=args.seed, train=args.train, val=args.val, size=args.size)
-    print(f"wrote {args.train} train + {args.val} val images ({args.size}x{args.size}, {info['num_classes']} classes) to {out}")
+    shape = f"{args.size}x{args.size}, {info['num_classes']} classes"
+    print(f"wrote {args.train} train + {args.val} val images ({shape}) to {out}")
     return 0
 
 

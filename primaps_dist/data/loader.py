@@ -43,6 +43,7 @@ log = logging.getLogger("primaps_dist.data")
 
 STATE_VERSION = 1
 MIN_ITEMS_FOR_CORRUPT_CHECK = 50
+MAX_UNUSABLE_IN_A_ROW = 1000
 DEFAULT_SHARDS_PER_CHUNK = 4
 _TAG_CHUNK = 0x5348_4152  # domain separation of the two RNG families
 _TAG_SAMPLE = 0x5341_4D50
@@ -120,23 +121,33 @@ class _Tally:
     where: str
     seen: int = 0
     skipped: int = 0
+    in_a_row: int = 0
     bad_shards: dict[str, int] = field(default_factory=dict)
 
     def add_ok(self) -> None:
         self.seen += 1
+        self.in_a_row = 0
 
     def add_problem(self, problem: ShardProblem) -> None:
         self.seen += 1
         self.skipped += 1
+        self.in_a_row += 1
         self.bad_shards[problem.shard] = self.bad_shards.get(problem.shard, 0) + 1
         if self.skipped <= _WARN_FIRST or self.skipped % _WARN_EVERY == 0:
             log.warning("skipped unusable sample (%d so far, %s): %s", self.skipped, self.where, problem.describe())
-        if self.seen >= MIN_ITEMS_FOR_CORRUPT_CHECK and self.skipped > self.max_fraction * self.seen:
+        too_many = self.seen >= MIN_ITEMS_FOR_CORRUPT_CHECK and self.skipped > self.max_fraction * self.seen
+        # Even with max_corrupt_fraction = 1 an endless stream of unusable items must end, not spin.
+        if too_many or self.in_a_row >= MAX_UNUSABLE_IN_A_ROW:
             worst = sorted(self.bad_shards.items(), key=lambda kv: -kv[1])[:5]
             names = ", ".join(f"{path} ({n})" for path, n in worst)
+            limit = (
+                f"more than data.max_corrupt_fraction={self.max_fraction}"
+                if too_many
+                else f"the last {self.in_a_row} in a row"
+            )
             raise UserError(
-                f"{self.skipped} of {self.seen} samples read by {self.where} are unusable, more than "
-                f"data.max_corrupt_fraction={self.max_fraction}; shards with problems: {names}"
+                f"{self.skipped} of {self.seen} samples read by {self.where} are unusable, {limit}; "
+                f"shards with problems: {names}"
             )
 
 
@@ -233,7 +244,9 @@ def _train_items(spec: _Spec, worker: int, chunk: int, skip: int) -> Iterator[tu
         empty_chunks = 0 if produced else empty_chunks + 1
         # Every shard drawn many times without one sample: the data set is unusable, not unlucky.
         if empty_chunks * min(spec.shards_per_chunk, len(spec.shards)) >= 4 * len(spec.shards) + 16:
-            raise UserError(f"{spec.shards_key}: no shard yields any sample ({len(spec.shards)} shards, all empty or broken)")
+            raise UserError(
+                f"{spec.shards_key}: no shard yields any sample ({len(spec.shards)} shards, all empty or broken)"
+            )
         chunk, skip = chunk + 1, 0
 
 
@@ -439,7 +452,10 @@ def _resume_positions(resume_state: dict | None, expected: dict) -> tuple[dict[i
     wanted = {key: value for key, value in expected.items() if key != "salt"}
     if resume_state.get("version") != STATE_VERSION or stream != wanted or salt is None:
         changed = sorted(key for key in wanted if stream.get(key) != wanted[key])
-        log.warning("loader resume state does not match this run (%s differ); starting fresh streams", ", ".join(changed) or "version")
+        log.warning(
+            "loader resume state does not match this run (%s differ); starting fresh streams",
+            ", ".join(changed) or "version",
+        )
         return None
     positions = {int(worker): (int(pos[0]), int(pos[1])) for worker, pos in resume_state["workers"].items()}
     return positions, int(salt)
@@ -552,7 +568,9 @@ def make_eval_loader(
     key = shards_key or ("data.val_shards" if shards is None else "shards")
     resolved = resolve_shards(data_cfg.val_shards if shards is None else shards, key)
     if resize_short and resize_short < data_cfg.crop_size:
-        raise ConfigError("eval.resize_short", f"must be 0 or >= data.crop_size ({data_cfg.crop_size}), got {resize_short}")
+        raise ConfigError(
+            "eval.resize_short", f"must be 0 or >= data.crop_size ({data_cfg.crop_size}), got {resize_short}"
+        )
     rank_shards = len(resolved[rank::world_size])
     num_workers = min(data_cfg.num_workers, rank_shards)
     spec = _Spec(

@@ -241,9 +241,8 @@ def encode_pair(pair: Pair, preset: LabelPreset) -> Encoded | Problem:
     except ValueError as err:
         return Problem(pair.label, UNREADABLE_LABEL, str(err))
     if mapped.shape != (height, width):
-        return Problem(
-            pair.label, SIZE_MISMATCH, f"label is {mapped.shape[1]}x{mapped.shape[0]}, image {pair.image} is {width}x{height}"
-        )
+        sizes = f"label is {mapped.shape[1]}x{mapped.shape[0]}, image {pair.image} is {width}x{height}"
+        return Problem(pair.label, SIZE_MISMATCH, sizes)
     if invalid:
         shown = ", ".join(map(str, invalid[:10]))
         what = f"preset {preset.name}" if preset.name else f"{preset.num_classes} classes"
@@ -259,7 +258,11 @@ def _encode_in_worker(args: tuple[Pair, str, int | None, tuple[str, ...] | None]
 
 
 def _encoded_stream(
-    pairs: Sequence[Pair], preset: LabelPreset, num_classes: int | None, class_names: tuple[str, ...] | None, workers: int
+    pairs: Sequence[Pair],
+    preset: LabelPreset,
+    num_classes: int | None,
+    class_names: tuple[str, ...] | None,
+    workers: int,
 ) -> Iterator[Encoded | Problem]:
     """Results in ``pairs`` order (deterministic output), computed by ``workers`` processes."""
     if workers <= 1:
@@ -476,7 +479,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     temp_index.write_text(json.dumps(index, indent=2) + "\n")
     os.replace(temp_index, out / "index.json")
     reasons = ", ".join(f"{reason}={count}" for reason, count in sorted(skipped.items())) or "none"
-    print(f"wrote {index['num_samples']} samples in {len(shard_names)} shards to {out}; skipped {total_skipped} ({reasons})")
+    written = f"wrote {index['num_samples']} samples in {len(shard_names)} shards to {out}"
+    print(f"{written}; skipped {total_skipped} ({reasons})")
     if stale:
         print(f"removed {len(stale)} stale shard(s) of an earlier run: {', '.join(stale[:5])}")
     return 0

@@ -28,7 +28,9 @@ def encode_image(array: np.ndarray, fmt: str = "PNG", **options) -> bytes:
     return buffer.getvalue()
 
 
-def striped_sample(rng: np.random.Generator, height: int, width: int, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+def striped_sample(
+    rng: np.random.Generator, height: int, width: int, num_classes: int
+) -> tuple[np.ndarray, np.ndarray]:
     """(image ``uint8 [H, W, 3]``, label ``uint8 [H, W]``): vertical and horizontal class bands."""
     if num_classes > len(CLASS_COLOURS):
         raise ValueError(f"at most {len(CLASS_COLOURS)} classes, got {num_classes}")
