@@ -21,8 +21,8 @@ $(VENV)/.installed: pyproject.toml
 
 demo-data: install
 	$(VENV)/bin/primaps-dist make-demo-data --out $(DEMO_DIR)/images
-	$(VENV)/bin/primaps-dist make-shards --images $(DEMO_DIR)/images/train/images --labels $(DEMO_DIR)/images/train/labels --out $(DEMO_DIR)/shards/train --shard-size 32
-	$(VENV)/bin/primaps-dist make-shards --images $(DEMO_DIR)/images/val/images --labels $(DEMO_DIR)/images/val/labels --out $(DEMO_DIR)/shards/val --shard-size 32
+	$(VENV)/bin/primaps-dist make-shards --images $(DEMO_DIR)/images/train/images --labels $(DEMO_DIR)/images/train/labels --out $(DEMO_DIR)/shards/train --shard-size 32 --classes $(DEMO_DIR)/images/classes.json
+	$(VENV)/bin/primaps-dist make-shards --images $(DEMO_DIR)/images/val/images --labels $(DEMO_DIR)/images/val/labels --out $(DEMO_DIR)/shards/val --shard-size 32 --classes $(DEMO_DIR)/images/classes.json
 
 demo: demo-data
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m primaps_dist.train --config configs/demo.yaml
