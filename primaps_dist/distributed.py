@@ -1,0 +1,426 @@
+"""Process-group setup and the counted collective wrappers every module uses.
+
+Launchers, detected in this order by :func:`detect_env`:
+
+1. ``torchrun`` (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``, ``GROUP_RANK``,
+   ``MASTER_ADDR``, ``MASTER_PORT``).
+2. ``srun`` with one task per GPU and no torchrun. Only inside a job *step* (``SLURM_STEP_ID`` or
+   ``SLURM_STEP_NUM_TASKS`` set): the batch script itself also carries ``SLURM_PROCID=0`` and
+   ``SLURM_NTASKS=N`` but is a single process, and treating it as rank 0 of N would wait for peers that
+   never come. Rank ``SLURM_PROCID``, world ``SLURM_STEP_NUM_TASKS`` (else ``SLURM_NTASKS``), local rank
+   ``SLURM_LOCALID``. Master address: ``MASTER_ADDR`` when set, else the first host of
+   ``SLURM_STEP_NODELIST``/``SLURM_JOB_NODELIST`` (``scontrol show hostnames`` when available, else a
+   built-in parser; task 0 runs on that node), else ``SLURM_LAUNCH_NODE_IPADDR``. The launch node is only a
+   fallback because ``srun`` started from a login node would name a host outside the job. Port:
+   ``MASTER_PORT`` when set, else ``12000 + SLURM_JOB_ID % 20000`` (below the Linux ephemeral range).
+3. A single process.
+
+:func:`init_distributed` creates the process group (nccl with CUDA when ``dist.backend=auto``, else gloo)
+with ``timeout=dist.timeout_s`` and, for SLURM, exports the torchrun variables so that libraries reading
+them (DeepSpeed) agree. With one process no group is created and every wrapper below is a no-op.
+
+The wrappers count their calls per process (also when they are no-ops) so tests can check how many
+collectives a step issues: :func:`collective_counts`, :func:`reset_collective_counts`. A collective that
+times out (gloo honours the group timeout) or finds its peer gone raises :class:`CollectiveTimeout` /
+:class:`CollectiveError`, one-line :class:`~primaps_dist.errors.UserError` s naming rank and collective.
+With NCCL a timed-out collective is detected by PyTorch's watchdog thread, which aborts the process with
+its own message after ``timeout_s``; it cannot be caught here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import subprocess
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any, Iterator, Mapping
+
+import torch
+import torch.distributed as dist
+
+from primaps_dist.errors import UserError
+
+__all__ = [
+    "DistEnv",
+    "CollectiveError",
+    "CollectiveTimeout",
+    "detect_env",
+    "init_distributed",
+    "shutdown",
+    "current_env",
+    "is_distributed",
+    "get_rank",
+    "get_world_size",
+    "all_reduce_sum",
+    "broadcast",
+    "all_gather_object",
+    "barrier",
+    "guard_collective",
+    "collective_counts",
+    "reset_collective_counts",
+    "first_slurm_host",
+]
+
+
+@dataclass
+class DistEnv:
+    """Where this process sits in the job. ``backend``/``device`` are filled in by :func:`init_distributed`."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    node_rank: int = 0
+    num_nodes: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    launcher: str = "single"  # torchrun | slurm | single
+    backend: str = "none"  # none (single process) | gloo | nccl
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    timeout_s: float = 600.0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+class CollectiveError(UserError):
+    """A collective failed because a peer went away; one line naming this rank and the collective."""
+
+
+class CollectiveTimeout(CollectiveError):
+    """A collective did not complete within ``dist.timeout_s``."""
+
+
+# ------------------------------------------------------------------------------------------ detection
+
+
+def _int(env: Mapping[str, str], name: str, default: int | None = None) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        if default is None:
+            raise UserError(f"environment variable {name} is required by the launcher but not set")
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise UserError(f"environment variable {name}={raw!r} is not an integer") from None
+
+
+def _first_tasks_per_node(value: str) -> int | None:
+    """``SLURM_STEP_TASKS_PER_NODE`` like ``"4(x2),3"`` -> 4 (tasks on the first node)."""
+    match = re.match(r"\s*(\d+)", value or "")
+    return int(match.group(1)) if match else None
+
+
+def _parse_first_host(nodelist: str) -> str:
+    """First host of a SLURM hostlist without scontrol: ``"gpu[003-005,9],cpu1"`` -> ``"gpu003"``.
+
+    Handles several bracket groups (``"r[1-2]-n[07-08]"`` -> ``"r1-n07"``); zero padding is kept.
+    """
+    depth = 0
+    first = nodelist.strip()
+    for i, char in enumerate(first):
+        if char == "[":
+            depth += 1
+        elif char == "]":
+            depth -= 1
+        elif char == "," and depth == 0:
+            first = first[:i]
+            break
+
+    def first_of_group(match: re.Match) -> str:
+        item = match.group(1).split(",")[0]
+        return item.split("-")[0]
+
+    return re.sub(r"\[([^\]]*)\]", first_of_group, first)
+
+
+def first_slurm_host(nodelist: str, use_scontrol: bool = True) -> str:
+    """First host name of a SLURM node list (``scontrol show hostnames`` when available)."""
+    if use_scontrol and shutil.which("scontrol"):
+        try:
+            out = subprocess.run(
+                ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=20
+            )
+            hosts = out.stdout.split()
+            if out.returncode == 0 and hosts:
+                return hosts[0]
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return _parse_first_host(nodelist)
+
+
+def detect_env(environ: Mapping[str, str] | None = None, use_scontrol: bool = True) -> DistEnv:
+    """Rank/world/local rank/master from torchrun, else an srun step, else single process.
+
+    ``environ`` defaults to ``os.environ``; ``use_scontrol=False`` keeps the node-list parsing in Python
+    (tests). Raises :class:`UserError` on malformed variables (e.g. ``RANK >= WORLD_SIZE``).
+    """
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        world = _int(env, "WORLD_SIZE")
+        local_world = _int(env, "LOCAL_WORLD_SIZE", world)
+        result = DistEnv(
+            rank=_int(env, "RANK"),
+            world_size=world,
+            local_rank=_int(env, "LOCAL_RANK", 0),
+            local_world_size=local_world,
+            node_rank=_int(env, "GROUP_RANK", 0),
+            num_nodes=max(1, world // max(1, local_world)),
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1") or "127.0.0.1",
+            master_port=_int(env, "MASTER_PORT", 29500),
+            launcher="torchrun",
+        )
+    elif "SLURM_PROCID" in env and ("SLURM_STEP_ID" in env or "SLURM_STEPID" in env or "SLURM_STEP_NUM_TASKS" in env):
+        world = _int(env, "SLURM_STEP_NUM_TASKS", _int(env, "SLURM_NTASKS", 1))
+        nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST", "")
+        if env.get("MASTER_ADDR"):
+            master = env["MASTER_ADDR"]
+        elif nodelist:
+            master = first_slurm_host(nodelist, use_scontrol=use_scontrol)
+        else:
+            master = env.get("SLURM_LAUNCH_NODE_IPADDR") or "127.0.0.1"
+        if env.get("MASTER_PORT"):
+            port = _int(env, "MASTER_PORT")
+        else:
+            port = 12000 + _int(env, "SLURM_JOB_ID", 0) % 20000
+        tasks_per_node = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or ""
+        local_world = _first_tasks_per_node(tasks_per_node) or world
+        result = DistEnv(
+            rank=_int(env, "SLURM_PROCID"),
+            world_size=world,
+            local_rank=_int(env, "SLURM_LOCALID", 0),
+            local_world_size=local_world,
+            node_rank=_int(env, "SLURM_NODEID", 0),
+            num_nodes=_int(env, "SLURM_STEP_NUM_NODES", _int(env, "SLURM_NNODES", 1)),
+            master_addr=master,
+            master_port=port,
+            launcher="slurm",
+        )
+    else:
+        return DistEnv()
+    if result.world_size < 1 or not 0 <= result.rank < result.world_size:
+        raise UserError(
+            f"{result.launcher}: rank {result.rank} is not in [0, world size {result.world_size}) "
+            "(check RANK/WORLD_SIZE or SLURM_PROCID/SLURM_NTASKS)"
+        )
+    if not 0 < result.master_port < 65536:
+        raise UserError(f"{result.launcher}: master port {result.master_port} is not a valid TCP port")
+    return result
+
+
+# ------------------------------------------------------------------------------------------ setup
+
+_ENV: DistEnv = DistEnv()
+_COUNTS: Counter = Counter()
+
+
+def _pick_device(env: DistEnv, device_pref: str) -> torch.device:
+    if device_pref not in ("auto", "cpu", "cuda"):
+        raise UserError(f"device {device_pref!r} must be auto, cpu or cuda (train.device)")
+    if device_pref == "cpu" or (device_pref == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise UserError("train.device=cuda but no CUDA device is visible to this process")
+    count = torch.cuda.device_count()
+    if env.is_distributed and env.local_rank >= count:
+        # One visible device per task (e.g. SLURM binding GPUs per task): use it; otherwise a misconfiguration.
+        if count != 1:
+            raise UserError(f"local rank {env.local_rank} needs a CUDA device but only {count} are visible")
+        return torch.device("cuda", 0)
+    return torch.device("cuda", env.local_rank % count)
+
+
+def init_distributed(dist_cfg: Any, device_pref: str = "auto") -> DistEnv:
+    """Detect the launcher, pick the device and backend, create the process group (if world > 1).
+
+    Args:
+        dist_cfg: a :class:`~primaps_dist.config.DistConfig` (``backend``, ``timeout_s``).
+        device_pref: ``train.device``: auto | cpu | cuda.
+    Returns the :class:`DistEnv` (also kept for :func:`current_env`). Raises :class:`UserError` for
+    impossible combinations (nccl without CUDA, cuda requested but absent).
+    """
+    global _ENV
+    env = detect_env()
+    env.timeout_s = float(dist_cfg.timeout_s)
+    env.device = _pick_device(env, device_pref)
+    backend = dist_cfg.backend
+    if backend == "auto":
+        backend = "nccl" if env.device.type == "cuda" else "gloo"
+    if backend == "nccl" and env.device.type != "cuda":
+        raise UserError("dist.backend=nccl needs CUDA devices; use dist.backend=gloo (or auto) on CPU")
+    if env.device.type == "cuda":
+        torch.cuda.set_device(env.device)
+    if not env.is_distributed:
+        env.backend = "none"
+        _ENV = env
+        return env
+    if env.launcher == "slurm":
+        os.environ.update(
+            RANK=str(env.rank),
+            WORLD_SIZE=str(env.world_size),
+            LOCAL_RANK=str(env.local_rank),
+            LOCAL_WORLD_SIZE=str(env.local_world_size),
+            MASTER_ADDR=env.master_addr,
+            MASTER_PORT=str(env.master_port),
+        )
+    if not dist.is_initialized():
+        kwargs: dict[str, Any] = {}
+        if backend == "nccl":
+            kwargs["device_id"] = env.device
+        try:
+            dist.init_process_group(
+                backend=backend,
+                init_method="env://",
+                rank=env.rank,
+                world_size=env.world_size,
+                timeout=timedelta(seconds=env.timeout_s),
+                **kwargs,
+            )
+        except (RuntimeError, ValueError) as err:
+            reason = " ".join(str(err).split())[:300]
+            raise UserError(
+                f"rank {env.rank}: could not join the process group at {env.master_addr}:{env.master_port} "
+                f"within dist.timeout_s={env.timeout_s:g} s ({reason})"
+            ) from err
+    env.backend = backend
+    _ENV = env
+    return env
+
+
+def shutdown() -> None:
+    """Destroy the process group (if any) and forget the environment."""
+    global _ENV
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    _ENV = DistEnv()
+
+
+def current_env() -> DistEnv:
+    """The environment set by :func:`init_distributed` (a single-process one before that)."""
+    return _ENV
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def get_rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+# ------------------------------------------------------------------------------------------ collectives
+
+_TIMEOUT_PATTERN = re.compile(r"timed out|timeout", re.IGNORECASE)
+_PEER_GONE_PATTERN = re.compile(
+    r"connection closed by peer|connection reset|broken pipe|econnreset|communicator was aborted"
+    r"|connection refused|peer.*(closed|died)",
+    re.IGNORECASE,
+)
+
+
+def _timeout_s() -> float:
+    return _ENV.timeout_s
+
+
+@contextlib.contextmanager
+def guard_collective(name: str) -> Iterator[None]:
+    """Turn a torch timeout / lost-peer error raised inside the block into a one-line CollectiveError.
+
+    Used by the wrappers below and around code that communicates internally (a DDP backward, a DeepSpeed
+    step). Other errors pass through unchanged.
+    """
+    try:
+        yield
+    except RuntimeError as err:  # DistBackendError and gloo errors are RuntimeErrors
+        text = str(err)
+        rank = get_rank()
+        if _TIMEOUT_PATTERN.search(text):
+            raise CollectiveTimeout(
+                f"rank {rank}: collective {name} timed out after {_timeout_s():g} s "
+                "(a peer died or hung; see dist.timeout_s)"
+            ) from err
+        if _PEER_GONE_PATTERN.search(text):
+            raise CollectiveError(
+                f"rank {rank}: collective {name} failed: a peer closed the connection "
+                "(it probably crashed; see its log)"
+            ) from err
+        raise
+
+
+def collective_counts() -> dict[str, int]:
+    """Calls of each wrapper in this process since the last reset (no-op calls included)."""
+    return dict(_COUNTS)
+
+
+def reset_collective_counts() -> None:
+    _COUNTS.clear()
+
+
+def _backend_device_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """NCCL only moves CUDA tensors: stage CPU tensors through the current device."""
+    if dist.get_backend() == "nccl" and tensor.device.type != "cuda":
+        return tensor.to(torch.device("cuda", torch.cuda.current_device()))
+    return tensor
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over all ranks, in place; returns it. No-op with one process."""
+    _COUNTS["all_reduce_sum"] += 1
+    if not is_distributed():
+        return tensor
+    with guard_collective("all_reduce_sum"):
+        work = _backend_device_copy(tensor)
+        dist.all_reduce(work, op=dist.ReduceOp.SUM)
+        if work is not tensor:
+            tensor.copy_(work)
+    return tensor
+
+
+def broadcast(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
+    """Overwrite ``tensor`` on every rank with rank ``src``'s values, in place; returns it."""
+    _COUNTS["broadcast"] += 1
+    if not is_distributed():
+        return tensor
+    with guard_collective("broadcast"):
+        work = _backend_device_copy(tensor)
+        dist.broadcast(work, src=src)
+        if work is not tensor:
+            tensor.copy_(work)
+    return tensor
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Picklable ``obj`` from every rank, in rank order (``[obj]`` with one process)."""
+    _COUNTS["all_gather_object"] += 1
+    if not is_distributed():
+        return [obj]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    with guard_collective("all_gather_object"):
+        dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def barrier() -> None:
+    """Wait for every rank (bounded by the group timeout)."""
+    _COUNTS["barrier"] += 1
+    if not is_distributed():
+        return
+    with guard_collective("barrier"):
+        if dist.get_backend() == "nccl":
+            dist.barrier(device_ids=[torch.cuda.current_device()])
+        else:
+            dist.barrier()

@@ -1,0 +1,273 @@
+"""All-reduced sufficient statistics: the `stats` M-step of PriMaPs-EM and of spherical K-means.
+
+One step on every rank (ALGORITHM.md section 4):
+
+1. :func:`batch_stats` turns this rank's pixel features ``[N, C]`` and labels ``[N]`` (255 = ignore) into
+   one packed float64 tensor ``[K, C+2]``: column ``0..C-1`` = ``S_k`` (sum of L2-normalised features with
+   label k), column ``C`` = ``N_k`` (their count), column ``C+1`` = sum of cosine similarities of those
+   features to the *current* prototype ``mu_k`` (for the logged objective).
+2. ONE ``all_reduce(SUM)`` of that tensor (:func:`~primaps_dist.distributed.all_reduce_sum`). Sums and
+   counts are reduced, never means, so W ranks with batch B give the statistics of 1 rank with batch W*B.
+3. :meth:`PrototypeState.update` does identical float64 arithmetic on every rank and branches only on
+   reduced values, so the prototypes stay bitwise identical across ranks (same device type assumed).
+
+Moving averages, with momentum ``b``::
+
+    M_k <- b * M_k + (1 - b) * S_k        W_k <- b * W_k + (1 - b) * N_k        mu_k = M_k / ||M_k||
+
+(``M_k / W_k`` has the direction of ``M_k``; ``W_k`` is kept as the class's effective pixel count.)
+Decisions:
+
+* ``M`` and ``W`` start at zero, so the first update of a class gives ``mu_k = normalise(S_k / N_k)``:
+  the zero start makes ``M_k / W_k`` an exactly weighted mean of the batch means (no start-up bias),
+  whatever the momentum. Before its first observation a class keeps its initial (PCA) prototype.
+* A class with ``N_k = 0`` in the reduced batch keeps ``mu_k`` and its ``M_k``, ``W_k`` unchanged (they
+  are not decayed): the average advances per observation of the class, and long absences cannot
+  underflow ``M``/``W`` to subnormal numbers.
+* A class whose ``M_k`` has (numerically) zero length, i.e. its features cancel out, keeps ``mu_k``.
+* ``momentum = 0`` is a plain Lloyd step on the batch: ``mu_k = normalise(S_k)``.
+
+``index_add_`` on CUDA uses atomics, so per-rank sums may differ in the last bits between runs on GPU;
+ranks still agree bitwise because they all use the reduced tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from primaps_dist import distributed
+from primaps_dist.config import IGNORE_INDEX
+
+__all__ = [
+    "IGNORE_INDEX",
+    "StepResult",
+    "PrototypeState",
+    "as_pixel_rows",
+    "batch_stats",
+    "normalise_rows",
+    "stats_step",
+]
+
+# Rows per chunk when converting features to float64, to bound the temporary memory (64 Ki x C x 8 bytes).
+_CHUNK_ROWS = 65536
+
+
+def normalise_rows(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """L2-normalise the last dimension (zero rows stay zero)."""
+    return F.normalize(x, dim=-1, eps=eps)
+
+
+def as_pixel_rows(
+    features: torch.Tensor, labels: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Accept ``[N, C]`` (+ ``[N]``) or a feature map ``[B, C, H, W]`` (+ ``[B, H, W]``); return rows ``[N, C]``.
+
+    Labels must have the feature map's spatial size (upsample features or downsample labels first).
+    """
+    if features.dim() == 4:
+        batch, channels, height, width = features.shape
+        rows = features.permute(0, 2, 3, 1).reshape(batch * height * width, channels)
+        if labels is not None:
+            if tuple(labels.shape) != (batch, height, width):
+                raise ValueError(
+                    f"labels have shape {tuple(labels.shape)} but the feature map needs {(batch, height, width)}"
+                )
+            labels = labels.reshape(-1)
+        return rows, labels
+    if features.dim() != 2:
+        raise ValueError(f"features must be [N, C] or [B, C, H, W], got shape {tuple(features.shape)}")
+    if labels is not None and tuple(labels.shape) != (features.shape[0],):
+        raise ValueError(f"labels have shape {tuple(labels.shape)} but features have {features.shape[0]} rows")
+    return features, labels
+
+
+def _check_labels(labels: torch.Tensor, num_classes: int, ignore_index: int) -> None:
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
+    if labels.numel() == 0:
+        return
+    bad = ((labels < 0) | (labels >= num_classes)) & (labels != ignore_index)
+    if bool(bad.any()):
+        value = int(labels[bad][0])
+        raise ValueError(f"label {value} is outside [0, {num_classes}) and is not the ignore id {ignore_index}")
+
+
+def batch_stats(
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    prototypes: torch.Tensor | None = None,
+    ignore_index: int = IGNORE_INDEX,
+) -> torch.Tensor:
+    """Per-class sums of L2-normalised features and counts of this rank's batch (no communication).
+
+    Args:
+        features: ``[N, C]`` or ``[B, C, H, W]``, any float dtype; normalised per row here in float64.
+        labels: ``[N]`` or ``[B, H, W]`` integer class ids in ``[0, K)``; ``ignore_index`` rows are skipped.
+        num_classes: K.
+        prototypes: optional ``[K, C]`` current prototypes (unit rows); adds the similarity column.
+    Returns:
+        float64 ``[K, C+1]`` (``S | N``), or ``[K, C+2]`` (``S | N | sum of cos(f, mu_label)``) with
+        ``prototypes``; on the features' device.
+    """
+    rows, labels = as_pixel_rows(features, labels)
+    _check_labels(labels, num_classes, ignore_index)
+    count, channels = rows.shape
+    device = rows.device
+    # Ignored rows go to an extra dummy class K that is dropped at the end (no boolean copy of the features).
+    index = labels.to(device=device, dtype=torch.long).masked_fill(labels.to(device) == ignore_index, num_classes)
+    sums = torch.zeros(num_classes + 1, channels, dtype=torch.float64, device=device)
+    similarity = torch.zeros(num_classes + 1, dtype=torch.float64, device=device)
+    protos64 = None
+    if prototypes is not None:
+        if tuple(prototypes.shape) != (num_classes, channels):
+            raise ValueError(f"prototypes have shape {tuple(prototypes.shape)}, expected {(num_classes, channels)}")
+        # A zero row for the dummy class keeps the gather in range.
+        protos64 = torch.cat([prototypes.to(device=device, dtype=torch.float64), sums.new_zeros(1, channels)])
+    for start in range(0, count, _CHUNK_ROWS):
+        chunk = normalise_rows(rows[start : start + _CHUNK_ROWS].to(torch.float64))
+        chunk_index = index[start : start + _CHUNK_ROWS]
+        sums.index_add_(0, chunk_index, chunk)
+        if protos64 is not None:
+            cosine = (chunk * protos64[chunk_index]).sum(dim=1)
+            similarity.index_add_(0, chunk_index, cosine)
+    counts = torch.bincount(index, minlength=num_classes + 1).to(torch.float64)
+    columns = [sums[:num_classes], counts[:num_classes, None]]
+    if protos64 is not None:
+        columns.append(similarity[:num_classes, None])
+    return torch.cat(columns, dim=1)
+
+
+@dataclass
+class StepResult:
+    """What one statistics step reports (global values, identical on every rank; tensors on the device).
+
+    ``objective``: mean cosine similarity of the labelled pixel features to their class prototype *before*
+    the update (NaN when no pixel was labelled); ``class_counts``: ``[K]`` int64 labelled pixels per class;
+    ``labelled``: their total; ``updated``: ``[K]`` bool, classes whose prototype was recomputed.
+    """
+
+    objective: torch.Tensor
+    class_counts: torch.Tensor
+    labelled: torch.Tensor
+    updated: torch.Tensor
+
+    def as_dict(self) -> dict[str, float]:
+        """Python numbers for logging (synchronises with the device)."""
+        return {
+            "objective": float(self.objective),
+            "labelled": float(self.labelled),
+            "classes_used": int((self.class_counts > 0).sum()),
+        }
+
+
+class PrototypeState:
+    """Prototypes ``mu`` [K, C] float32 (unit rows) and their float64 moving statistics ``M`` [K, C], ``W`` [K].
+
+    Build from initial prototypes (PCA directions); they are normalised here.
+    """
+
+    def __init__(self, prototypes: torch.Tensor):
+        if prototypes.dim() != 2:
+            raise ValueError(f"prototypes must be [K, C], got shape {tuple(prototypes.shape)}")
+        self.prototypes = normalise_rows(prototypes.detach().to(torch.float32)).clone()
+        num_classes, channels = self.prototypes.shape
+        device = self.prototypes.device
+        self.M = torch.zeros(num_classes, channels, dtype=torch.float64, device=device)
+        self.W = torch.zeros(num_classes, dtype=torch.float64, device=device)
+        self.step = 0
+
+    @property
+    def num_classes(self) -> int:
+        return self.prototypes.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.prototypes.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.prototypes.device
+
+    def to(self, device: torch.device | str) -> "PrototypeState":
+        self.prototypes = self.prototypes.to(device)
+        self.M = self.M.to(device)
+        self.W = self.W.to(device)
+        return self
+
+    def update(self, reduced: torch.Tensor, momentum: float) -> torch.Tensor:
+        """Apply one moving-average step from the REDUCED packed statistics ``[K, C+1]`` or ``[K, C+2]``.
+
+        Returns ``[K]`` bool: classes whose prototype was recomputed.
+        """
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        num_classes, channels = self.num_classes, self.dim
+        if reduced.dim() != 2 or reduced.shape[0] != num_classes or reduced.shape[1] not in (channels + 1, channels + 2):
+            raise ValueError(
+                f"packed statistics have shape {tuple(reduced.shape)}, expected ({num_classes}, {channels}+1 or +2)"
+            )
+        reduced = reduced.to(device=self.device, dtype=torch.float64)
+        sums, counts = reduced[:, :channels], reduced[:, channels]
+        observed = counts > 0
+        self.M = torch.where(observed[:, None], momentum * self.M + (1.0 - momentum) * sums, self.M)
+        self.W = torch.where(observed, momentum * self.W + (1.0 - momentum) * counts, self.W)
+        norms = self.M.norm(dim=1)
+        # Features that (nearly) cancel out give no direction: keep the old prototype then.
+        usable = observed & (norms > 1e-9 * self.W)
+        directions = (self.M / norms.clamp_min(1e-300)[:, None]).to(torch.float32)
+        self.prototypes = torch.where(usable[:, None], directions, self.prototypes)
+        self.step += 1
+        return usable
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors only (``torch.load(weights_only=True)`` works)."""
+        return {
+            "prototypes": self.prototypes.clone(),
+            "M": self.M.clone(),
+            "W": self.W.clone(),
+            "step": torch.tensor(self.step, dtype=torch.int64),
+        }
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing = {"prototypes", "M", "W", "step"} - set(state)
+        if missing:
+            raise ValueError(f"prototype state lacks {', '.join(sorted(missing))}")
+        expected = {"prototypes": tuple(self.prototypes.shape), "M": tuple(self.M.shape), "W": tuple(self.W.shape)}
+        for key, shape in expected.items():
+            if tuple(state[key].shape) != shape:
+                raise ValueError(f"prototype state '{key}' has shape {tuple(state[key].shape)}, expected {shape}")
+        self.prototypes = state["prototypes"].to(device=self.device, dtype=torch.float32).clone()
+        self.M = state["M"].to(device=self.device, dtype=torch.float64).clone()
+        self.W = state["W"].to(device=self.device, dtype=torch.float64).clone()
+        self.step = int(state["step"])
+
+
+def stats_step(
+    state: PrototypeState,
+    features: torch.Tensor,
+    labels: torch.Tensor,
+    momentum: float,
+    ignore_index: int = IGNORE_INDEX,
+) -> StepResult:
+    """One all-reduced statistics step: batch_stats -> ONE all_reduce_sum -> :meth:`PrototypeState.update`.
+
+    Every rank must call it (with its own batch, possibly empty of labels) the same number of times.
+    ``features`` ``[N, C]``/``[B, C, H, W]``, ``labels`` ``[N]``/``[B, H, W]`` with 255 = ignore.
+    """
+    packed = batch_stats(features, labels, state.num_classes, state.prototypes, ignore_index)
+    distributed.all_reduce_sum(packed)
+    channels = state.dim
+    counts = packed[:, channels]
+    labelled = counts.sum()
+    objective = packed[:, channels + 1].sum() / labelled  # NaN when nothing was labelled
+    updated = state.update(packed, momentum)
+    return StepResult(
+        objective=objective,
+        class_counts=counts.round().to(torch.int64),
+        labelled=labelled.round().to(torch.int64),
+        updated=updated,
+    )

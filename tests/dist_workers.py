@@ -1,0 +1,106 @@
+"""Scenarios run by the multi-process tests: ``torchrun ... tests/dist_workers.py SCENARIO OUTDIR``.
+
+Each rank writes ``OUTDIR/{stats,ddp,deepspeed,timeout}_rank{R}.pt`` (torch.save of plain tensors/lists) for the test to compare.
+Scenarios: ``stats`` (PCA, K-means, stats EM), ``ddp`` and ``deepspeed`` (gradient mode), ``core``
+(stats + ddp in one launch, to pay the start-up cost once), ``timeout``
+(rank 1 hangs; rank 0 must fail with a one-line CollectiveTimeout message, exit status 2).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _dist_utils as utils  # noqa: E402
+
+from primaps_dist import distributed  # noqa: E402
+from primaps_dist.config import DistConfig  # noqa: E402
+from primaps_dist.errors import run_cli  # noqa: E402
+
+SEED = 7
+
+
+def bitwise_equal_on_all_ranks(tensor: torch.Tensor) -> bool:
+    gathered = distributed.all_gather_object(tensor.detach().cpu())
+    return all(torch.equal(gathered[0], other) for other in gathered[1:])
+
+
+def run_stats(rank: int, world: int, outdir: Path) -> None:
+    record = utils.run_stats_pipeline(SEED, rank, world, check_ranks=bitwise_equal_on_all_ranks)
+    torch.save(record, outdir / f"stats_rank{rank}.pt")
+
+
+def run_gradient(engine: str, env, outdir: Path) -> None:
+    record = utils.run_gradient_pipeline(engine, SEED, env.rank, env.world_size)
+    record["consistent"] = [bitwise_equal_on_all_ranks(w) for w in record["running"]]
+    if engine == "deepspeed":
+        record.update(deepspeed_resume(env, outdir))
+    torch.save(record, outdir / f"{engine}_rank{env.rank}.pt")
+
+
+def deepspeed_resume(env, outdir: Path) -> dict:
+    """ZeRO-1: train, save DeepSpeed's checkpoint, load it into a fresh engine; one more step on both."""
+    from primaps_dist.em.gradient import GradientEM
+
+    cfg = utils.gradient_cfg("deepspeed", deepspeed_config=str(utils.REPO / "configs" / "deepspeed" / "zero1.json"))
+    (features, labels), (next_features, next_labels) = utils.global_batches(SEED, 2, 2 * env.world_size)
+    labels = labels.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)
+    next_labels = next_labels.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)
+    local = lambda t: utils.local_slice(t, env.rank, env.world_size)  # noqa: E731
+
+    original = GradientEM(torch.randn(utils.K, utils.C, generator=torch.Generator().manual_seed(1)), cfg, env)
+    for _ in range(3):
+        original.step(None, local(features), local(labels))
+    original.save_checkpoint(outdir / "zero1")
+    plain_state = original.state_dict()
+
+    resumed = GradientEM(torch.zeros(utils.K, utils.C), cfg, env)
+    resumed.load_state_dict(plain_state)  # momentum prototypes + head weights
+    resumed.load_checkpoint(outdir / "zero1")  # partitioned optimizer state
+    original.step(None, local(next_features), local(next_labels))
+    resumed.step(None, local(next_features), local(next_labels))
+    return {
+        "zero1_files": sorted(p.name for p in (outdir / "zero1" / "head").iterdir()),
+        "zero1_original": original.head.weight.detach().clone(),
+        "zero1_resumed": resumed.head.weight.detach().clone(),
+        "zero1_optimizer_in_state_dict": plain_state["engine"]["optimizer"] is not None,
+        "zero1_consistent": bitwise_equal_on_all_ranks(original.head.weight.detach()),
+    }
+
+
+def run_timeout(rank: int, outdir: Path) -> None:
+    if rank == 1:
+        time.sleep(12.0)  # longer than the 3 s group timeout
+    started = time.monotonic()
+    try:
+        distributed.all_reduce_sum(torch.ones(3))
+    finally:
+        torch.save({"elapsed": time.monotonic() - started}, outdir / f"timeout_rank{rank}.pt")
+
+
+def main(argv) -> int:
+    scenario, outdir = argv[0], Path(argv[1])
+    if scenario not in ("stats", "ddp", "core", "deepspeed", "timeout"):
+        raise SystemExit(f"unknown scenario {scenario}")
+    torch.set_num_threads(1)
+    timeout_s = 3.0 if scenario == "timeout" else 60.0
+    env = distributed.init_distributed(DistConfig(backend="gloo", timeout_s=timeout_s), "cpu")
+    if scenario in ("stats", "core"):
+        run_stats(env.rank, env.world_size, outdir)
+    if scenario in ("ddp", "core"):
+        run_gradient("ddp", env, outdir)
+    if scenario == "deepspeed":
+        run_gradient("deepspeed", env, outdir)
+    if scenario == "timeout":
+        run_timeout(env.rank, outdir)
+    distributed.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main, sys.argv[1:]))
