@@ -371,10 +371,10 @@ def reset_collective_counts() -> None:
 
 
 def _backend_device_copy(tensor: torch.Tensor) -> torch.Tensor:
-    """NCCL only moves CUDA tensors: stage CPU tensors through the current device."""
+    """A contiguous tensor the backend can move (NCCL: CUDA only); ``tensor`` itself when it already is."""
     if dist.get_backend() == "nccl" and tensor.device.type != "cuda":
-        return tensor.to(torch.device("cuda", torch.cuda.current_device()))
-    return tensor
+        return tensor.to(torch.device("cuda", torch.cuda.current_device())).contiguous()
+    return tensor.contiguous()
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

@@ -87,9 +87,7 @@ def hungarian_scores(confusion: torch.Tensor | np.ndarray) -> dict[str, Any]:
     assignment = np.full(num_clusters, -1, dtype=np.int64)
     assignment[cluster_index] = class_index
     matched = np.zeros((num_classes, num_classes), dtype=np.int64)
-    for cluster in range(num_clusters):  # over clusters, not pixels
-        if assignment[cluster] >= 0:
-            matched[:, assignment[cluster]] += counts[:, cluster]
+    matched[:, class_index] = counts[:, cluster_index]  # one-to-one: each class gets at most one cluster
     true_positive = np.diag(matched).astype(np.float64)
     ground_truth = counts.sum(axis=1).astype(np.float64)
     predicted = matched.sum(axis=0).astype(np.float64)

@@ -171,5 +171,6 @@ def launched(scenario: str) -> tuple[subprocess.CompletedProcess, Path]:
 def load_ranks(scenario: str, name: str, world: int = 2) -> list[dict]:
     """Per-rank records of ``name`` (stats, ddp, ...) from a session launch; fails with the launch's output."""
     proc, outdir = launched(scenario)
-    assert proc.returncode == 0, f"torchrun {scenario} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    output = f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert proc.returncode == 0, f"torchrun {scenario} failed ({proc.returncode}):\n{output}"
     return [torch.load(outdir / f"{name}_rank{rank}.pt", weights_only=True) for rank in range(world)]

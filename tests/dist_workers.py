@@ -1,6 +1,7 @@
 """Scenarios run by the multi-process tests: ``torchrun ... tests/dist_workers.py SCENARIO OUTDIR``.
 
-Each rank writes ``OUTDIR/{stats,ddp,deepspeed,timeout}_rank{R}.pt`` (torch.save of plain tensors/lists) for the test to compare.
+Each rank writes ``OUTDIR/{stats,ddp,deepspeed,timeout}_rank{R}.pt`` (torch.save of plain tensors and
+lists) for the test to compare.
 Scenarios: ``stats`` (PCA, K-means, stats EM), ``ddp`` and ``deepspeed`` (gradient mode), ``core``
 (stats + ddp in one launch, to pay the start-up cost once), ``timeout``
 (rank 1 hangs; rank 0 must fail with a one-line CollectiveTimeout message, exit status 2).

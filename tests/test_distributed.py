@@ -151,7 +151,8 @@ def test_wrappers_are_counted_noops_in_one_process():
     assert distributed.all_gather_object({"a": 1}) == [{"a": 1}]
     distributed.barrier()
     distributed.all_reduce_sum(tensor)
-    assert distributed.collective_counts() == {"all_reduce_sum": 2, "broadcast": 1, "all_gather_object": 1, "barrier": 1}
+    expected = {"all_reduce_sum": 2, "broadcast": 1, "all_gather_object": 1, "barrier": 1}
+    assert distributed.collective_counts() == expected
     distributed.reset_collective_counts()
     assert distributed.collective_counts() == {}
 

@@ -20,20 +20,17 @@ def unit(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=-1, keepdim=True)
 
 
-def loop_stats(features, labels, num_classes, prototypes=None):
+def loop_stats(features, labels, num_classes):
     """Per-pixel Python loop: the obvious definition."""
     channels = features.shape[1]
     sums = torch.zeros(num_classes, channels, dtype=torch.float64)
     counts = torch.zeros(num_classes, dtype=torch.float64)
-    sims = torch.zeros(num_classes, dtype=torch.float64)
     for row, label in zip(features.double(), labels.tolist()):
         if label == 255:
             continue
         sums[label] += unit(row)
         counts[label] += 1
-        if prototypes is not None:
-            sims[label] += float(unit(row) @ prototypes[label].double())
-    return sums, counts, sims
+    return sums, counts
 
 
 def test_batch_stats_by_hand():
@@ -45,25 +42,18 @@ def test_batch_stats_by_hand():
     expected = torch.tensor([[0.6 + half, 0.8 + half, 2.0], [1.0, 0.0, 1.0], [0.0, 0.0, 0.0]], dtype=torch.float64)
     torch.testing.assert_close(packed, expected, rtol=0, atol=1e-15)
 
-    prototypes = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
-    with_sim = batch_stats(features, labels, 3, prototypes)
-    assert with_sim.shape == (3, 4)
-    torch.testing.assert_close(with_sim[:, 3], torch.tensor([0.6 + half, 0.0, 0.0], dtype=torch.float64))
-
 
 def test_batch_stats_matches_loop_and_map_layout():
     generator = torch.Generator().manual_seed(0)
     features = torch.randn(2, 7, 3, 4, generator=generator)
     labels = torch.randint(0, 4, (2, 3, 4), generator=generator)
     labels[0, 0, :2] = 255
-    prototypes = unit(torch.randn(4, 7, generator=generator))
-    packed = batch_stats(features, labels, 4, prototypes)
+    packed = batch_stats(features, labels, 4)
     rows = features.permute(0, 2, 3, 1).reshape(-1, 7)
-    sums, counts, sims = loop_stats(rows, labels.reshape(-1), 4, prototypes)
+    sums, counts = loop_stats(rows, labels.reshape(-1), 4)
     torch.testing.assert_close(packed[:, :7], sums)
     torch.testing.assert_close(packed[:, 7], counts, rtol=0, atol=0)
-    torch.testing.assert_close(packed[:, 8], sims)
-    torch.testing.assert_close(batch_stats(rows, labels.reshape(-1), 4, prototypes), packed, rtol=0, atol=0)
+    torch.testing.assert_close(batch_stats(rows, labels.reshape(-1), 4), packed, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(
@@ -94,16 +84,15 @@ def test_split_batches_sum_to_the_whole(n_a, n_b, num_classes, seed):
     features = torch.randn(n_a + n_b, 5, generator=generator)
     labels = torch.randint(0, num_classes + 1, (n_a + n_b,), generator=generator)
     labels[labels == num_classes] = 255
-    prototypes = unit(torch.randn(num_classes, 5, generator=generator))
-    whole = batch_stats(features, labels, num_classes, prototypes)
-    parts = batch_stats(features[:n_a], labels[:n_a], num_classes, prototypes) + batch_stats(
-        features[n_a:], labels[n_a:], num_classes, prototypes
-    )
+    whole = batch_stats(features, labels, num_classes)
+    first = batch_stats(features[:n_a], labels[:n_a], num_classes)
+    parts = first + batch_stats(features[n_a:], labels[n_a:], num_classes)
     torch.testing.assert_close(parts, whole, rtol=0, atol=1e-12)
 
 
 def packed(sums, counts):
-    return torch.cat([torch.as_tensor(sums, dtype=torch.float64), torch.as_tensor(counts, dtype=torch.float64)[:, None]], 1)
+    sums, counts = torch.as_tensor(sums, dtype=torch.float64), torch.as_tensor(counts, dtype=torch.float64)
+    return torch.cat([sums, counts[:, None]], dim=1)
 
 
 def test_first_update_takes_batch_mean_and_unseen_class_keeps_prototype():
@@ -166,6 +155,7 @@ def test_stats_step_one_collective_objective_and_counts():
     state = PrototypeState(prototypes)
     features = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 2.0], [9.0, 9.0]])
     labels = torch.tensor([0, 0, 1, 255])
+    # cosines to the class prototype: 1, 1/sqrt(2), 1; the ignored pixel does not count.
     distributed.reset_collective_counts()
     result = stats_step(state, features, labels, momentum=0.5)
     assert distributed.collective_counts() == {"all_reduce_sum": 1}

@@ -100,9 +100,8 @@ def focal_class_weights(logits: torch.Tensor, gamma: float, sync: bool = False) 
     with torch.no_grad():
         probs = logits.detach().float().softmax(dim=1)
         num_classes = logits.shape[1]
-        packed = torch.cat(
-            [probs.sum(dim=(0, 2, 3)).double(), torch.tensor([probs[:, 0].numel()], dtype=torch.float64, device=logits.device)]
-        )
+        positions = torch.tensor([probs[:, 0].numel()], dtype=torch.float64, device=logits.device)
+        packed = torch.cat([probs.sum(dim=(0, 2, 3)).double(), positions])
         if sync:
             distributed.all_reduce_sum(packed)
         mean_prob = packed[:num_classes] / packed[num_classes]
@@ -121,7 +120,8 @@ def focal_class_weighted_ce(
     ``weights`` ``[K]`` defaults to :func:`focal_class_weights` of this batch. The sum over labelled pixels
     is divided by the number of pixel positions ``B*H*W`` (ignored pixels count as zero loss). Scalar.
     """
-    if logits.dim() != 4 or labels.dim() != 3 or logits.shape[0] != labels.shape[0] or logits.shape[2:] != labels.shape[1:]:
+    shapes_ok = logits.dim() == 4 and labels.dim() == 3 and logits.shape[0] == labels.shape[0]
+    if not shapes_ok or logits.shape[2:] != labels.shape[1:]:
         raise ValueError(
             f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} must be [B, K, H, W] and [B, H, W]"
         )
@@ -183,9 +183,8 @@ class MomentumPrototypes:
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if tuple(state["weight"].shape) != tuple(self.weight.shape):
-            raise ValueError(
-                f"momentum prototypes 'weight' has shape {tuple(state['weight'].shape)}, expected {tuple(self.weight.shape)}"
-            )
+            shape, expected = tuple(state["weight"].shape), tuple(self.weight.shape)
+            raise ValueError(f"momentum prototypes 'weight' has shape {shape}, expected {expected}")
         self.weight = state["weight"].to(device=self.weight.device, dtype=torch.float32).clone()
         self.steps = int(state["steps"])
         self.updates = int(state["updates"])
@@ -235,10 +234,11 @@ def _gaussian_blur(images: torch.Tensor, sigma: torch.Tensor, kernel_size: int) 
 
 def _hue_rotate(images: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
     """Rotate chroma in YIQ space by ``turns`` ``[B]`` of a full circle (luma preserved)."""
-    to_yiq = torch.tensor(
-        [[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=images.dtype, device=images.device
+    to_yiq64 = torch.tensor(
+        [[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=torch.float64
     )
-    to_rgb = torch.linalg.inv(to_yiq)
+    to_rgb = torch.linalg.inv(to_yiq64).to(device=images.device, dtype=images.dtype)
+    to_yiq = to_yiq64.to(device=images.device, dtype=images.dtype)
     angle = 2.0 * math.pi * turns
     cos, sin = torch.cos(angle), torch.sin(angle)
     rotation = torch.zeros(turns.shape[0], 3, 3, dtype=images.dtype, device=images.device)

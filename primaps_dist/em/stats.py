@@ -3,11 +3,13 @@
 One step on every rank (ALGORITHM.md section 4):
 
 1. :func:`batch_stats` turns this rank's pixel features ``[N, C]`` and labels ``[N]`` (255 = ignore) into
-   one packed float64 tensor ``[K, C+2]``: column ``0..C-1`` = ``S_k`` (sum of L2-normalised features with
-   label k), column ``C`` = ``N_k`` (their count), column ``C+1`` = sum of cosine similarities of those
-   features to the *current* prototype ``mu_k`` (for the logged objective).
+   one packed float64 tensor ``[K, C+1]``: columns ``0..C-1`` = ``S_k`` (sum of L2-normalised features
+   with label k), column ``C`` = ``N_k`` (their count).
 2. ONE ``all_reduce(SUM)`` of that tensor (:func:`~primaps_dist.distributed.all_reduce_sum`). Sums and
    counts are reduced, never means, so W ranks with batch B give the statistics of 1 rank with batch W*B.
+   The logged objective, the mean cosine similarity of the labelled features to their class prototype,
+   needs no extra communication: with ``mu_k`` fixed during the step, the sum of ``cos(f_i, mu_k)`` over
+   the pixels of class k is ``<S_k, mu_k>``, computed from the reduced ``S``.
 3. :meth:`PrototypeState.update` does identical float64 arithmetic on every rank and branches only on
    reduced values, so the prototypes stay bitwise identical across ranks (same device type assumed).
 
@@ -99,7 +101,6 @@ def batch_stats(
     features: torch.Tensor,
     labels: torch.Tensor,
     num_classes: int,
-    prototypes: torch.Tensor | None = None,
     ignore_index: int = IGNORE_INDEX,
 ) -> torch.Tensor:
     """Per-class sums of L2-normalised features and counts of this rank's batch (no communication).
@@ -108,37 +109,22 @@ def batch_stats(
         features: ``[N, C]`` or ``[B, C, H, W]``, any float dtype; normalised per row here in float64.
         labels: ``[N]`` or ``[B, H, W]`` integer class ids in ``[0, K)``; ``ignore_index`` rows are skipped.
         num_classes: K.
-        prototypes: optional ``[K, C]`` current prototypes (unit rows); adds the similarity column.
     Returns:
-        float64 ``[K, C+1]`` (``S | N``), or ``[K, C+2]`` (``S | N | sum of cos(f, mu_label)``) with
-        ``prototypes``; on the features' device.
+        float64 ``[K, C+1]``: ``S`` (columns ``0..C-1``) and ``N`` (column ``C``), on the features' device.
     """
     rows, labels = as_pixel_rows(features, labels)
     _check_labels(labels, num_classes, ignore_index)
     count, channels = rows.shape
     device = rows.device
+    labels = labels.to(device)
     # Ignored rows go to an extra dummy class K that is dropped at the end (no boolean copy of the features).
-    index = labels.to(device=device, dtype=torch.long).masked_fill(labels.to(device) == ignore_index, num_classes)
+    index = labels.to(torch.long).masked_fill(labels == ignore_index, num_classes)
     sums = torch.zeros(num_classes + 1, channels, dtype=torch.float64, device=device)
-    similarity = torch.zeros(num_classes + 1, dtype=torch.float64, device=device)
-    protos64 = None
-    if prototypes is not None:
-        if tuple(prototypes.shape) != (num_classes, channels):
-            raise ValueError(f"prototypes have shape {tuple(prototypes.shape)}, expected {(num_classes, channels)}")
-        # A zero row for the dummy class keeps the gather in range.
-        protos64 = torch.cat([prototypes.to(device=device, dtype=torch.float64), sums.new_zeros(1, channels)])
     for start in range(0, count, _CHUNK_ROWS):
         chunk = normalise_rows(rows[start : start + _CHUNK_ROWS].to(torch.float64))
-        chunk_index = index[start : start + _CHUNK_ROWS]
-        sums.index_add_(0, chunk_index, chunk)
-        if protos64 is not None:
-            cosine = (chunk * protos64[chunk_index]).sum(dim=1)
-            similarity.index_add_(0, chunk_index, cosine)
+        sums.index_add_(0, index[start : start + _CHUNK_ROWS], chunk)
     counts = torch.bincount(index, minlength=num_classes + 1).to(torch.float64)
-    columns = [sums[:num_classes], counts[:num_classes, None]]
-    if protos64 is not None:
-        columns.append(similarity[:num_classes, None])
-    return torch.cat(columns, dim=1)
+    return torch.cat([sums[:num_classes], counts[:num_classes, None]], dim=1)
 
 
 @dataclass
@@ -199,17 +185,16 @@ class PrototypeState:
         return self
 
     def update(self, reduced: torch.Tensor, momentum: float) -> torch.Tensor:
-        """Apply one moving-average step from the REDUCED packed statistics ``[K, C+1]`` or ``[K, C+2]``.
+        """Apply one moving-average step from the REDUCED packed statistics ``[K, C+1]``.
 
         Returns ``[K]`` bool: classes whose prototype was recomputed.
         """
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         num_classes, channels = self.num_classes, self.dim
-        if reduced.dim() != 2 or reduced.shape[0] != num_classes or reduced.shape[1] not in (channels + 1, channels + 2):
-            raise ValueError(
-                f"packed statistics have shape {tuple(reduced.shape)}, expected ({num_classes}, {channels}+1 or +2)"
-            )
+        if tuple(reduced.shape) != (num_classes, channels + 1):
+            expected = (num_classes, channels + 1)
+            raise ValueError(f"packed statistics have shape {tuple(reduced.shape)}, expected {expected}")
         reduced = reduced.to(device=self.device, dtype=torch.float64)
         sums, counts = reduced[:, :channels], reduced[:, channels]
         observed = counts > 0
@@ -258,12 +243,14 @@ def stats_step(
     Every rank must call it (with its own batch, possibly empty of labels) the same number of times.
     ``features`` ``[N, C]``/``[B, C, H, W]``, ``labels`` ``[N]``/``[B, H, W]`` with 255 = ignore.
     """
-    packed = batch_stats(features, labels, state.num_classes, state.prototypes, ignore_index)
+    packed = batch_stats(features, labels, state.num_classes, ignore_index)
     distributed.all_reduce_sum(packed)
     channels = state.dim
     counts = packed[:, channels]
     labelled = counts.sum()
-    objective = packed[:, channels + 1].sum() / labelled  # NaN when nothing was labelled
+    # sum_i cos(f_i, mu_label_i) = sum_k <S_k, mu_k>, with the prototypes before this update.
+    similarity = (packed[:, :channels] * state.prototypes.to(torch.float64)).sum()
+    objective = similarity / labelled  # NaN when nothing was labelled
     updated = state.update(packed, momentum)
     return StepResult(
         objective=objective,
