@@ -373,12 +373,20 @@ def test_offline_extractor_uses_packaged_weights(lite0):
     (expected,) = _stage_outputs(offline._pretrained_classifier(), ["blocks.4"], (x - 127 / 255) / (128 / 255))
     features = lite0(x)
     assert features.shape == (1, 112, 12, 12)
+    assert len(lite0.body.features.blocks) == 5  # blocks 5 and 6 (stride 32) are never run
     torch.testing.assert_close(features, expected, rtol=1e-4, atol=1e-4)
 
 
-def test_offline_weights_file_with_wrong_tensor_count(tmp_path):
+def test_offline_preset_weight_files(tmp_path):
     state = load_weights_file(offline.packaged_weights_path())
     assert len(state) == offline.NUM_TENSORS
+    torch.manual_seed(4)
+    timm_named = timm.create_model("tf_efficientnet_lite0").eval()  # a file in timm's naming loads by name
+    torch.save(timm_named.state_dict(), tmp_path / "timm_named.pth")
+    extractor = build_backbone(BackboneConfig(name="efficientnet_lite0", weights=str(tmp_path / "timm_named.pth")))
+    x = images(1, 64)
+    (expected,) = _stage_outputs(timm_named, ["blocks.4"], (x - 127 / 255) / (128 / 255))
+    torch.testing.assert_close(extractor(x), expected, rtol=1e-4, atol=1e-4)
     truncated = dict(list(state.items())[:-2])
     path = tmp_path / "lite0_truncated.pth"
     torch.save(truncated, path)

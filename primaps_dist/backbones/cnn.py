@@ -70,6 +70,20 @@ def _full_key(feature_key: str, full_keys: set[str]) -> str | None:
     return None
 
 
+def drop_unused_blocks(features: nn.Module) -> None:
+    """Cut the blocks after the deepest selected stage from timm's EfficientNet/MobileNetV3 feature models.
+
+    Those classes (unlike ``FeatureListNet``) run every block whatever ``out_indices`` says; their ``forward``
+    loops over ``self.blocks`` and collects the output after block ``s - 1`` for each selected stage ``s`` (the
+    keys of ``_stage_out_idx``).
+    """
+    stage_out = getattr(features, "_stage_out_idx", None)
+    blocks = getattr(features, "blocks", None)
+    if isinstance(stage_out, dict) and stage_out and isinstance(blocks, nn.Sequential):
+        if getattr(features, "feature_hooks", None) is None:
+            features.blocks = blocks[: max(stage_out)]
+
+
 def copy_weights_into_features(full_state: Mapping[str, torch.Tensor], features: nn.Module) -> None:
     """Load the full model's weights into its ``features_only`` twin; every tensor must be found."""
     full_keys = set(full_state)
@@ -108,6 +122,7 @@ def cnn_extractor(
             )
     stages = sorted({index % num_stages for index in layers}) if layers else default_stages(reductions)
     features = timm.create_model(model_name, pretrained=False, features_only=True, out_indices=tuple(stages))
+    drop_unused_blocks(features)
     copy_weights_into_features(model.state_dict(), features)
     info = features.feature_info
     body = StageConcat(features.eval(), info.channels(), info.reduction())
