@@ -544,6 +544,7 @@ class Tracker:
         self._finish_timeout_s = finish_timeout_s
         self._system_metrics_interval_s = system_metrics_interval_s
         self._reported_rejections = 0
+        self._reported_errors: set[type] = set()
         self.log_seconds = 0.0  # wall time spent inside tracker calls (overhead measurement)
 
     # ----------------------------------------------------------------------------------- state
@@ -580,7 +581,7 @@ class Tracker:
             raise RuntimeError("Tracker.start() was already called")
         self._started = True
         begin = time.perf_counter()
-        self._pending = self.spool.load()  # a previous process may have left undelivered records
+        self._pending = self._guarded(self.spool.load) or []  # a previous process may have left records
         self._key = self._requested_run_id or f"{LOCAL_KEY_PREFIX}{uuid.uuid4().hex}"
         run_tags = {"primaps.output_dir": str(self.output_dir.resolve()), "primaps.host": socket.gethostname()}
         run_tags.update({k: str(v) for k, v in (tags or {}).items()})
@@ -672,7 +673,7 @@ class Tracker:
         """Try to deliver the spool now (ignoring the backoff). True when nothing is pending."""
         if not self.active:
             return True
-        self._drain()
+        self._guarded(self._drain)
         return not self._pending
 
     def finish(self, status: str = "FINISHED") -> bool:
@@ -693,7 +694,7 @@ class Tracker:
         self._submit({"kind": "end", "run": self._key, "status": status, "time": _now_ms()})
         deadline = time.monotonic() + self._finish_timeout_s
         while self._pending:
-            self._drain()
+            self._guarded(self._drain)
             if not self._pending or time.monotonic() >= deadline:
                 break
             time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
@@ -742,15 +743,23 @@ class Tracker:
 
     def _submit(self, record: dict) -> None:
         """Journal ``record`` in the spool, then deliver the spool if it is due."""
+        if record["kind"] == "artifact" and self._unreachable:  # copy now: the file may change before a retry
+            record = self._guarded(lambda: dict(record, path=self.spool.stash_artifact(Path(record["path"])),
+                                                stashed=True)) or record
+        self._pending.append(record)  # in memory first: a spool that cannot be written must not block delivery
+        self._guarded(lambda: self.spool.append([record]))
+        if self._due(record):
+            self._guarded(self._drain)
+
+    def _guarded(self, action):
+        """Run ``action``; report an unexpected error once per kind (e.g. a full disk), never raise."""
         try:
-            if record["kind"] == "artifact" and self._unreachable:  # copy now: the file may change before a retry
-                record = dict(record, path=self.spool.stash_artifact(Path(record["path"])), stashed=True)
-            self._pending.append(record)
-            self.spool.append([record])
-            if self._due(record):
-                self._drain()
+            return action()
         except Exception as err:  # noqa: BLE001 - tracking must never stop training
-            logger.warning("MLflow tracking error (training continues): %s", _short(err))
+            if type(err) not in self._reported_errors:
+                self._reported_errors.add(type(err))
+                logger.warning("MLflow tracking error (training continues): %s", _short(err))
+            return None
 
     def _due(self, record: dict) -> bool:
         now = time.monotonic()

@@ -372,6 +372,21 @@ def test_metrics_are_batched_and_a_crash_loses_none(store, experiment, tmp_path)
     b.finish()
 
 
+def test_unwritable_spool_does_not_block_delivery(store, experiment, tmp_path, caplog, monkeypatch):
+    tracker = Tracker(tracking_cfg(store, experiment), is_main=True, output_dir=tmp_path, flush_interval_s=0)
+    run_id = tracker.start({})
+
+    def disk_full(records):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(tracker.spool, "append", disk_full)
+    for step in range(10):
+        tracker.log_metrics({"loss": float(step)}, step)
+    assert tracker.finish()
+    assert history(store, run_id, "loss") == [(s, float(s)) for s in range(10)]
+    assert sum("No space left" in m for m in tracker_warnings(caplog)) == 1
+
+
 def test_torn_spool_line_is_skipped(store, experiment, tmp_path, caplog):
     a = Tracker(tracking_cfg(dead_uri(), experiment), is_main=True, output_dir=tmp_path, retry_initial_s=3600)
     a.start({})
