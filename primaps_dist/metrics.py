@@ -70,8 +70,9 @@ def hungarian_scores(confusion: torch.Tensor | np.ndarray) -> dict[str, Any]:
         ``miou`` (percent, mean over classes with a defined IoU), ``per_class_iou`` (fractions, NaN where
         a class is neither present nor predicted), ``assignment`` (per cluster: its class, or -1 when
         unmatched because there are more clusters than classes; such pixels count as errors),
-        ``confusion`` (``[num_classes, num_classes]`` after matching: rows ground truth, columns the class
-        the cluster was matched to), ``num_pixels``.
+        ``confusion`` (the input ``[num_classes, num_clusters]`` as nested lists), ``matched_confusion``
+        (``[num_classes, num_classes]`` after matching: rows ground truth, columns the class each cluster
+        was matched to; unmatched clusters dropped), ``num_pixels``.
     With fewer clusters than classes the unmatched classes get IoU 0 (if present).
     Raises ValueError for an empty matrix (no labelled pixel).
     """
@@ -101,6 +102,7 @@ def hungarian_scores(confusion: torch.Tensor | np.ndarray) -> dict[str, Any]:
         "miou": miou,
         "per_class_iou": [float(value) for value in iou],
         "assignment": [int(value) for value in assignment],
-        "confusion": matched.tolist(),
+        "confusion": counts.tolist(),
+        "matched_confusion": matched.tolist(),
         "num_pixels": total,
     }

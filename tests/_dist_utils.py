@@ -71,7 +71,7 @@ def run_stats_pipeline(seed: int, rank: int, world: int, per_rank_batch: int = 3
     if check_ranks is not None:
         record["consistent"].append(check_ranks(directions))
 
-    state = PrototypeState(directions)
+    state = PrototypeState.from_prototypes(directions)
     for features, _ in global_batches(seed + 1, KMEANS_STEPS, batch):
         distributed.reset_collective_counts()
         kmeans_step(state, local_slice(features, rank, world), KMEANS_MOMENTUM)
@@ -85,7 +85,7 @@ def run_stats_pipeline(seed: int, rank: int, world: int, per_rank_batch: int = 3
         record["collectives"].append(distributed.collective_counts())
         record["em"].append(state.prototypes.clone())
         record["em_objective"].append(float(result.objective))
-        record["em_counts"].append(result.class_counts.clone())
+        record["em_counts"].append(result.counts.clone())
         if check_ranks is not None:
             record["consistent"].append(check_ranks(state.prototypes))
     record["state"] = state.state_dict()
@@ -115,21 +115,22 @@ GRADIENT_STEPS = 4
 def run_gradient_pipeline(engine: str, seed: int, rank: int, world: int, per_rank_batch: int = 2, **cfg) -> dict:
     """A few `gradient` steps; labels at twice the feature resolution (exercises the logit upsampling)."""
     from primaps_dist import distributed
-    from primaps_dist.em.gradient import GradientEM
+    from primaps_dist.em.gradient import make_engine
 
     generator = torch.Generator().manual_seed(seed)
     prototypes = torch.randn(K, C, generator=generator)
-    grad_em = GradientEM(prototypes, gradient_cfg(engine, **cfg), distributed.current_env())
-    record: dict = {"loss": [], "running": [], "momentum": [], "decay": []}
+    engine = make_engine(prototypes, gradient_cfg(engine, **cfg), distributed.current_env())
+    record: dict = {"loss": [], "counts": [], "running": [], "momentum": [], "decay": []}
     batch = per_rank_batch * world
     for features, labels in global_batches(seed + 5, GRADIENT_STEPS, batch):
         labels = labels.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)
-        loss = grad_em.step(None, local_slice(features, rank, world), local_slice(labels, rank, world))
-        record["loss"].append(float(loss))
-        record["running"].append(grad_em.head.weight.detach().clone())
-        record["momentum"].append(grad_em.momentum.weight.clone())
-        record["decay"].append(grad_em.last_ema_decay)
-    record["state"] = grad_em.state_dict()
+        loss, counts = engine.step(local_slice(features, rank, world), local_slice(labels, rank, world))
+        record["loss"].append(loss)
+        record["counts"].append(counts.clone())
+        record["running"].append(engine.head.weight.detach().clone())
+        record["momentum"].append(engine.momentum.weight.clone())
+        record["decay"].append(engine.last_ema_decay)
+    record["state"] = engine.state_dict()
     return record
 
 

@@ -45,8 +45,9 @@ def run_gradient(engine: str, env, outdir: Path) -> None:
 
 
 def deepspeed_resume(env, outdir: Path) -> dict:
-    """ZeRO-1: train, save DeepSpeed's checkpoint, load it into a fresh engine; one more step on both."""
-    from primaps_dist.em.gradient import GradientEM
+    """ZeRO-1: train, checkpoint (rank 0 names the folder, rank 1 passes None, as the trainer does), restore
+    into a fresh engine from the state dict + folder, then one more identical step on both."""
+    from primaps_dist.em.gradient import make_engine
 
     cfg = utils.gradient_cfg("deepspeed", deepspeed_config=str(utils.REPO / "configs" / "deepspeed" / "zero1.json"))
     (features, labels), (next_features, next_labels) = utils.global_batches(SEED, 2, 2 * env.world_size)
@@ -54,22 +55,25 @@ def deepspeed_resume(env, outdir: Path) -> dict:
     next_labels = next_labels.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)
     local = lambda t: utils.local_slice(t, env.rank, env.world_size)  # noqa: E731
 
-    original = GradientEM(torch.randn(utils.K, utils.C, generator=torch.Generator().manual_seed(1)), cfg, env)
+    original = make_engine(torch.randn(utils.K, utils.C, generator=torch.Generator().manual_seed(1)), cfg, env)
     for _ in range(3):
-        original.step(None, local(features), local(labels))
-    original.save_checkpoint(outdir / "zero1")
-    plain_state = original.state_dict()
+        original.step(local(features), local(labels))
+    state, writer = original.checkpoint_parts()
+    folder = outdir / "zero1"
+    if env.rank == 0:
+        folder.mkdir()
+    writer(folder if env.rank == 0 else None)
 
-    resumed = GradientEM(torch.zeros(utils.K, utils.C), cfg, env)
-    resumed.load_state_dict(plain_state)  # momentum prototypes + head weights
-    resumed.load_checkpoint(outdir / "zero1")  # partitioned optimizer state
-    original.step(None, local(next_features), local(next_labels))
-    resumed.step(None, local(next_features), local(next_labels))
+    resumed = make_engine(torch.zeros(utils.K, utils.C), cfg, env)
+    resumed.load_state_dict(state, checkpoint_dir=folder)
+    original.step(local(next_features), local(next_labels))
+    resumed.step(local(next_features), local(next_labels))
     return {
-        "zero1_files": sorted(p.name for p in (outdir / "zero1" / "head").iterdir()),
+        "zero1_files": sorted(p.name for p in (folder / "deepspeed" / "head").iterdir()),
         "zero1_original": original.head.weight.detach().clone(),
         "zero1_resumed": resumed.head.weight.detach().clone(),
-        "zero1_optimizer_in_state_dict": plain_state["engine"]["optimizer"] is not None,
+        "zero1_optimizer_in_state_dict": state["engine"]["optimizer"] is not None,
+        "zero1_writer_all_ranks": bool(getattr(writer, "all_ranks", False)),
         "zero1_consistent": bitwise_equal_on_all_ranks(original.head.weight.detach()),
     }
 

@@ -11,7 +11,7 @@ import torch
 import _dist_utils as utils
 from primaps_dist import distributed
 from primaps_dist.em.gradient import (
-    GradientEM,
+    GradientEngine,
     MomentumPrototypes,
     PhotometricParams,
     PrototypeHead,
@@ -20,6 +20,7 @@ from primaps_dist.em.gradient import (
     focal_class_weights,
     load_deepspeed_config,
     make_engine,
+    make_head_engine,
     photometric_view,
 )
 from primaps_dist.errors import UserError
@@ -137,28 +138,37 @@ def test_batched_blur_equals_per_image_blur():
 
 
 def test_single_process_engine_learns_and_round_trips(tmp_path):
-    distributed.reset_collective_counts()
-    grad_em = GradientEM(torch.randn(utils.K, utils.C), utils.gradient_cfg("ddp"), distributed.current_env())
+    engine = make_engine(torch.randn(utils.K, utils.C), utils.gradient_cfg("ddp"))
+    assert isinstance(engine, GradientEngine)
     (features, labels), = utils.global_batches(3, 1, 4)
-    losses = [float(grad_em.step(features, None, labels)) for _ in range(30)]
-    assert losses[-1] < losses[0] - 0.05
-    assert grad_em.momentum.updates == 15 and grad_em.last_ema_decay == pytest.approx(1 - 1 / 15)
-    assert not torch.equal(grad_em.prototypes, grad_em.running_prototypes)
-    torch.save(grad_em.state_dict(), tmp_path / "grad.pt")
-    restored = GradientEM(torch.zeros(utils.K, utils.C), utils.gradient_cfg("ddp"), distributed.current_env())
+    distributed.reset_collective_counts()
+    losses = []
+    for _ in range(30):
+        loss, counts = engine.step(features, labels)
+        losses.append(loss)
+    assert distributed.collective_counts() == {"all_reduce_sum": 30}  # focal weights + label counts, one each
+    assert isinstance(losses[0], float) and losses[-1] < losses[0] - 0.05
+    expected_counts = torch.bincount(labels[labels != 255], minlength=utils.K)
+    assert torch.equal(counts, expected_counts)
+    assert engine.momentum.updates == 15 and engine.last_ema_decay == pytest.approx(1 - 1 / 15)
+    assert not torch.equal(engine.teacher_prototypes(), engine.running_prototypes())
+    state, writer = engine.checkpoint_parts()
+    assert writer is None and state["sharded_subdir"] == ""  # DDP: everything is in the state dict
+    torch.save(state, tmp_path / "grad.pt")
+    restored = make_engine(torch.zeros(utils.K, utils.C), utils.gradient_cfg("ddp"))
     restored.load_state_dict(torch.load(tmp_path / "grad.pt", weights_only=True))
-    assert torch.equal(restored.head.weight, grad_em.head.weight)
-    assert torch.equal(restored.prototypes, grad_em.prototypes)
+    assert torch.equal(restored.head.weight, engine.head.weight)
+    assert torch.equal(restored.teacher_prototypes(), engine.teacher_prototypes())
     # Same optimizer state -> the next step is identical.
-    grad_em.step(features, None, labels)
-    restored.step(features, None, labels)
-    assert torch.equal(restored.head.weight, grad_em.head.weight)
+    engine.step(features, labels)
+    restored.step(features, labels)
+    assert torch.equal(restored.head.weight, engine.head.weight)
 
 
 def test_engine_choice_and_deepspeed_config(tmp_path):
     head = PrototypeHead(torch.randn(3, 4))
     with pytest.raises(UserError, match="em.engine"):
-        make_engine(head, utils.gradient_cfg("horovod"), distributed.current_env())
+        make_head_engine(head, utils.gradient_cfg("horovod"), distributed.current_env())
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"train_batch_size": 64, "optimizer": {"type": "Adam", "params": {"lr": 1.0}}}))
     config = load_deepspeed_config(path, lr=5e-3, device=torch.device("cpu"))
@@ -181,6 +191,8 @@ def test_two_rank_ddp_keeps_heads_identical_and_matches_one_rank():
         torch.testing.assert_close(w0, ref, rtol=0, atol=1e-5)
     assert not torch.equal(rank0["running"][-1], rank0["running"][0])
     assert rank0["decay"] == [None, 0.0, None, 0.5]
+    for counts0, counts1, counts_single in zip(rank0["counts"], rank1["counts"], single["counts"]):
+        assert torch.equal(counts0, counts_single) and torch.equal(counts1, counts_single)  # global counts
     torch.testing.assert_close(rank0["momentum"][-1], single["momentum"][-1], rtol=0, atol=1e-5)
 
 
@@ -195,7 +207,7 @@ def test_two_rank_deepspeed_on_cpu():
         torch.testing.assert_close(w0, ref, rtol=0, atol=1e-5)
     assert rank0["state"]["engine"]["optimizer"] is not None  # ZeRO-0: replicated torch optimizer
     assert "zero_pp_rank_1_mp_rank_00_optim_states.pt" in rank0["zero1_files"]
-    assert rank0["zero1_optimizer_in_state_dict"] is False
+    assert rank0["zero1_optimizer_in_state_dict"] is False and rank0["zero1_writer_all_ranks"]
     assert rank0["zero1_consistent"]
     assert torch.equal(rank0["zero1_original"], rank0["zero1_resumed"])
     assert torch.equal(rank1["zero1_original"], rank1["zero1_resumed"])

@@ -97,16 +97,16 @@ def packed(sums, counts):
 
 def test_first_update_takes_batch_mean_and_unseen_class_keeps_prototype():
     init = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
-    state = PrototypeState(init)
-    updated = state.update(packed([[0.0, 2.0], [3.0, 0.0], [0.0, 0.0]], [2, 3, 0]), momentum=0.98)
-    assert updated.tolist() == [True, True, False]
+    state = PrototypeState.from_prototypes(init)
+    result = state.update(packed([[0.0, 2.0], [3.0, 0.0], [0.0, 0.0]], [2, 3, 0]), momentum=0.98)
+    assert result.updated.tolist() == [True, True, False] and result.counts.tolist() == [2, 3, 0]
     torch.testing.assert_close(state.prototypes, torch.tensor([[0.0, 1.0], [1.0, 0.0], [-1.0, 0.0]]))
     torch.testing.assert_close(state.W, torch.tensor([0.04, 0.06, 0.0], dtype=torch.float64))
     assert state.step == 1
 
 
 def test_moving_average_by_hand():
-    state = PrototypeState(torch.eye(2))
+    state = PrototypeState.from_prototypes(torch.eye(2))
     b = 0.75
     s1, s2 = torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([[0.0, 3.0], [0.0, 0.0]])
     state.update(packed(s1, [2, 1]), b)
@@ -121,7 +121,7 @@ def test_moving_average_by_hand():
 
 
 def test_momentum_zero_is_a_lloyd_step_and_cancelling_features_keep_prototype():
-    state = PrototypeState(torch.eye(3))
+    state = PrototypeState.from_prototypes(torch.eye(3))
     state.update(packed([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]], [2, 1, 4]), 0.0)
     torch.testing.assert_close(state.prototypes[0], unit(torch.tensor([1.0, 1.0, 0.0])))
     # Class 2: four features that sum to zero -> no direction -> prototype unchanged.
@@ -130,8 +130,23 @@ def test_momentum_zero_is_a_lloyd_step_and_cancelling_features_keep_prototype():
     torch.testing.assert_close(state.prototypes[0], torch.tensor([0.0, 1.0, 0.0]))  # no memory at momentum 0
 
 
+def test_placeholder_state_initialize_and_set_prototypes():
+    state = PrototypeState(3, 2)
+    assert state.prototypes.abs().sum() == 0 and state.M.dtype == torch.float64 and state.W.shape == (3,)
+    state.update(packed([[1.0, 0.0], [0.0, 0.0], [0.0, 0.0]], [1, 0, 0]), 0.5)  # before initialisation
+    state.initialize(torch.tensor([[0.0, 2.0], [3.0, 0.0], [1.0, 1.0]]))
+    torch.testing.assert_close(state.prototypes, torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.5**0.5, 0.5**0.5]]))
+    assert state.step == 0 and state.M.abs().sum() == 0 and state.W.abs().sum() == 0
+    state.update(packed([[4.0, 0.0], [0.0, 0.0], [0.0, 0.0]], [4, 0, 0]), 0.5)
+    state.set_prototypes(torch.tensor([[0.0, -5.0], [1.0, 0.0], [1.0, 0.0]]))
+    torch.testing.assert_close(state.prototypes[0], torch.tensor([0.0, -1.0]))
+    assert state.W[0] == 2.0 and state.step == 1  # statistics untouched by set_prototypes
+    with pytest.raises(ValueError, match="prototypes have shape"):
+        state.initialize(torch.ones(2, 2))
+
+
 def test_update_rejects_bad_input():
-    state = PrototypeState(torch.eye(3))
+    state = PrototypeState.from_prototypes(torch.eye(3))
     with pytest.raises(ValueError, match="momentum must be in"):
         state.update(torch.zeros(3, 4, dtype=torch.float64), 1.0)
     with pytest.raises(ValueError, match="packed statistics have shape"):
@@ -139,20 +154,20 @@ def test_update_rejects_bad_input():
 
 
 def test_state_dict_round_trip_weights_only(tmp_path):
-    state = PrototypeState(torch.randn(4, 6))
+    state = PrototypeState.from_prototypes(torch.randn(4, 6))
     state.update(batch_stats(torch.randn(20, 6), torch.randint(0, 4, (20,)), 4), 0.9)
     torch.save(state.state_dict(), tmp_path / "state.pt")
-    restored = PrototypeState(torch.randn(4, 6))
+    restored = PrototypeState.from_prototypes(torch.randn(4, 6))
     restored.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
     for key, value in state.state_dict().items():
         assert torch.equal(restored.state_dict()[key], value), key
     with pytest.raises(ValueError, match="'M' has shape"):
-        PrototypeState(torch.randn(5, 6)).load_state_dict({**state.state_dict(), "prototypes": torch.zeros(5, 6)})
+        PrototypeState(5, 6).load_state_dict({**state.state_dict(), "prototypes": torch.zeros(5, 6)})
 
 
 def test_stats_step_one_collective_objective_and_counts():
     prototypes = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
-    state = PrototypeState(prototypes)
+    state = PrototypeState.from_prototypes(prototypes)
     features = torch.tensor([[1.0, 0.0], [1.0, 1.0], [0.0, 2.0], [9.0, 9.0]])
     labels = torch.tensor([0, 0, 1, 255])
     # cosines to the class prototype: 1, 1/sqrt(2), 1; the ignored pixel does not count.
@@ -161,7 +176,7 @@ def test_stats_step_one_collective_objective_and_counts():
     assert distributed.collective_counts() == {"all_reduce_sum": 1}
     expected = (1.0 + 1 / math.sqrt(2) + 1.0) / 3
     assert float(result.objective) == pytest.approx(expected, abs=1e-12)
-    assert result.class_counts.tolist() == [2, 1] and int(result.labelled) == 3
+    assert result.counts.tolist() == [2, 1] and int(result.labelled) == 3
     assert result.as_dict()["classes_used"] == 2
     empty = stats_step(state, features, torch.full((4,), 255), momentum=0.5)
     assert math.isnan(float(empty.objective)) and int(empty.labelled) == 0

@@ -42,7 +42,8 @@ def test_permuted_perfect_prediction_scores_100():
     assert scores["accuracy"] == 100.0 and scores["miou"] == 100.0
     assert scores["per_class_iou"] == [1.0] * 5
     assert [scores["assignment"][int(permutation[c])] for c in range(5)] == list(range(5))
-    assert np.array_equal(np.array(scores["confusion"]), np.diag(np.bincount(target.numpy(), minlength=5)))
+    assert np.array_equal(np.array(scores["matched_confusion"]), np.diag(np.bincount(target.numpy(), minlength=5)))
+    assert np.array_equal(np.array(scores["confusion"]), confusion_matrix(permutation[target], target, 5).numpy())
 
 
 def test_scores_by_hand():
@@ -55,6 +56,7 @@ def test_scores_by_hand():
     assert scores["per_class_iou"] == pytest.approx([8 / 14, 6 / 12])
     assert scores["miou"] == pytest.approx((8 / 14 + 6 / 12) / 2 * 100)
     assert scores["num_pixels"] == 20
+    assert scores["confusion"] == [[2, 8], [6, 4]] and scores["matched_confusion"] == [[8, 2], [4, 6]]
 
 
 def test_undefined_classes_are_excluded_from_miou():
@@ -76,6 +78,7 @@ def test_more_or_fewer_clusters_than_classes():
     assert scores["assignment"] == [0, -1, 1]
     assert scores["accuracy"] == pytest.approx(90.0)  # the unmatched cluster's pixel is an error
     assert scores["per_class_iou"] == pytest.approx([4 / 5, 1.0])
+    assert scores["matched_confusion"] == [[4, 0], [0, 5]]  # the unmatched cluster's pixels are dropped
     under = np.array([[4, 0], [0, 5], [1, 0]])  # 3 classes, 2 clusters: class 2 unmatched -> IoU 0
     scores = hungarian_scores(under)
     assert scores["assignment"] == [0, 1]

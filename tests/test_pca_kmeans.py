@@ -113,14 +113,14 @@ def test_kmeans_lloyd_recovers_separated_clusters():
     centres = torch.nn.functional.normalize(torch.randn(4, 10, generator=generator), dim=1)
     ids = torch.arange(400) % 4
     features = centres[ids] + 0.05 * torch.randn(400, 10, generator=generator)
-    state = PrototypeState(centres[[0, 1, 2, 3]] + 0.3 * torch.randn(4, 10, generator=generator))
+    state = PrototypeState.from_prototypes(centres[[0, 1, 2, 3]] + 0.3 * torch.randn(4, 10, generator=generator))
     distributed.reset_collective_counts()
     for _ in range(5):
         result = kmeans_step(state, features, momentum=0.0)
     assert distributed.collective_counts() == {"all_reduce_sum": 5}
     torch.testing.assert_close(state.prototypes, centres, atol=0.02, rtol=0)
     assert float(result.objective) > 0.98  # noise norm ~0.16 -> cos ~0.99
-    assert result.class_counts.tolist() == [100, 100, 100, 100]
+    assert result.counts.tolist() == [100, 100, 100, 100]
 
 
 def test_seeded_pipeline_is_reproducible():

@@ -17,13 +17,15 @@
   0.667, 0.75, ... up to 0.98, like the reference's EMA (whose first update copies the weights). Pseudo
   labels come from :attr:`MomentumPrototypes.prototypes`.
 * :func:`photometric_view`: the student's view, on 0..1 RGB before any normalisation.
-* Engines (:func:`make_engine`): DDP (only the head is wrapped) or DeepSpeed, behind one small interface.
+* :class:`GradientEngine` (:func:`make_engine`): the head behind DDP (only the head is wrapped) or
+  DeepSpeed (:func:`make_head_engine`, one small :class:`HeadEngine` interface), plus theta_M.
   Logits are computed at feature resolution and upsampled bilinearly to the label size (cheaper than
   upsampling C-channel features as the reference does; K << C).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -52,7 +54,8 @@ __all__ = [
     "DDPEngine",
     "DeepSpeedEngine",
     "make_engine",
-    "GradientEM",
+    "make_head_engine",
+    "GradientEngine",
 ]
 
 
@@ -89,23 +92,43 @@ class PrototypeHead(nn.Module):
 # ------------------------------------------------------------------------------------------ loss
 
 
+def _class_statistics(
+    logits: torch.Tensor, labels: torch.Tensor | None, sync: bool, ignore_index: int = IGNORE_INDEX
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean softmax probability per class ``[K]`` float64 and label counts ``[K]`` int64 of the batch.
+
+    ``sync=True``: over the global batch, with ONE all-reduce of ``[2K+1]`` (every rank must call it).
+    """
+    if logits.dim() != 4:
+        raise ValueError(f"logits must be [B, K, H, W], got shape {tuple(logits.shape)}")
+    num_classes = logits.shape[1]
+    with torch.no_grad():
+        probs = logits.detach().float().softmax(dim=1)
+        positions = torch.tensor([probs[:, 0].numel()], dtype=torch.float64, device=logits.device)
+        if labels is None:
+            counts = torch.zeros(num_classes, dtype=torch.float64, device=logits.device)
+        else:
+            flat = labels.reshape(-1).to(logits.device).long()
+            counts = torch.bincount(flat[flat != ignore_index], minlength=num_classes)[:num_classes].double()
+        packed = torch.cat([probs.sum(dim=(0, 2, 3)).double(), positions, counts])
+        if sync:
+            distributed.all_reduce_sum(packed)
+        mean_prob = packed[:num_classes] / packed[num_classes]
+        return mean_prob, packed[num_classes + 1 :].round().to(torch.int64)
+
+
+def _weights_from(mean_prob: torch.Tensor, gamma: float) -> torch.Tensor:
+    return ((1.0 - mean_prob).clamp_min(0.0) ** gamma).to(torch.float32)
+
+
 def focal_class_weights(logits: torch.Tensor, gamma: float, sync: bool = False) -> torch.Tensor:
     """``(1 - mean softmax probability of class k)^gamma`` over all positions of ``logits`` ``[B, K, H, W]``.
 
     Detached, float32 ``[K]``. ``sync=True`` averages over the global batch with one all-reduce (every
     rank must call it), so all ranks use the same weights.
     """
-    if logits.dim() != 4:
-        raise ValueError(f"logits must be [B, K, H, W], got shape {tuple(logits.shape)}")
-    with torch.no_grad():
-        probs = logits.detach().float().softmax(dim=1)
-        num_classes = logits.shape[1]
-        positions = torch.tensor([probs[:, 0].numel()], dtype=torch.float64, device=logits.device)
-        packed = torch.cat([probs.sum(dim=(0, 2, 3)).double(), positions])
-        if sync:
-            distributed.all_reduce_sum(packed)
-        mean_prob = packed[:num_classes] / packed[num_classes]
-        return ((1.0 - mean_prob).clamp_min(0.0) ** gamma).to(torch.float32)
+    mean_prob, _ = _class_statistics(logits, None, sync)
+    return _weights_from(mean_prob, gamma)
 
 
 def focal_class_weighted_ce(
@@ -311,16 +334,20 @@ def _upsample(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
 
 
-def _loss(model: nn.Module, features: torch.Tensor, labels: torch.Tensor, gamma: float) -> torch.Tensor:
+def _loss(
+    model: nn.Module, features: torch.Tensor, labels: torch.Tensor, gamma: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Focal loss of the upsampled logits with global class weights; also the global label counts [K]."""
     logits = _upsample(model(features), tuple(labels.shape[-2:]))
-    weights = focal_class_weights(logits, gamma, sync=True)
-    return focal_class_weighted_ce(logits, labels, gamma, weights=weights)
+    mean_prob, counts = _class_statistics(logits, labels, sync=True)
+    return focal_class_weighted_ce(logits, labels, gamma, weights=_weights_from(mean_prob, gamma)), counts
 
 
 class HeadEngine(Protocol):
     """What the trainer needs from an engine that trains a :class:`PrototypeHead`.
 
-    ``step`` is collective (every rank calls it with a batch of the same shape).
+    ``step`` is collective (every rank calls it with a batch of the same shape); it returns the detached
+    loss and the global pseudo-label counts per class ``[K]`` int64.
     ``state_dict``/``load_state_dict`` hold what is replicated on every rank (rank 0 may write it);
     ``save_checkpoint``/``load_checkpoint`` are collective and write/read the engine's sharded state in a
     directory (DeepSpeed; no-ops for DDP).
@@ -328,8 +355,9 @@ class HeadEngine(Protocol):
 
     head: PrototypeHead
     name: str
+    sharded: bool  # True when save_checkpoint holds state that state_dict lacks
 
-    def step(self, features: torch.Tensor, labels: torch.Tensor, gamma: float) -> torch.Tensor: ...
+    def step(self, features: torch.Tensor, labels: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.Tensor]: ...
 
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -344,6 +372,7 @@ class DDPEngine:
     """Adam on the head; DistributedDataParallel over the head only when more than one rank."""
 
     name = "ddp"
+    sharded = False
 
     def __init__(self, head: PrototypeHead, lr: float, env: DistEnv):
         self.head = head
@@ -355,13 +384,13 @@ class DDPEngine:
             self.model = head
         self.optimizer = torch.optim.Adam(head.parameters(), lr=lr)
 
-    def step(self, features: torch.Tensor, labels: torch.Tensor, gamma: float) -> torch.Tensor:
+    def step(self, features: torch.Tensor, labels: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
         self.optimizer.zero_grad(set_to_none=True)
         with distributed.guard_collective("ddp step"):
-            loss = _loss(self.model, features, labels, gamma)
+            loss, counts = _loss(self.model, features, labels, gamma)
             loss.backward()
         self.optimizer.step()
-        return loss.detach()
+        return loss.detach(), counts
 
     def state_dict(self) -> dict[str, Any]:
         return {"engine": self.name, "head": self.head.state_dict(), "optimizer": self.optimizer.state_dict()}
@@ -446,12 +475,17 @@ class DeepSpeedEngine:
         self.optimizer = engine_optimizer
         self.zero_stage = int(config.get("zero_optimization", {}).get("stage", 0))
 
-    def step(self, features: torch.Tensor, labels: torch.Tensor, gamma: float) -> torch.Tensor:
+    def step(self, features: torch.Tensor, labels: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
         with distributed.guard_collective("deepspeed step"):
-            loss = _loss(self.engine, features, labels, gamma)
+            loss, counts = _loss(self.engine, features, labels, gamma)
             self.engine.backward(loss)
             self.engine.step()
-        return loss.detach()
+        return loss.detach(), counts
+
+    @property
+    def sharded(self) -> bool:
+        """Whether :meth:`save_checkpoint` holds state that :meth:`state_dict` lacks (ZeRO >= 1)."""
+        return self._replicated_optimizer() is None
 
     def _replicated_optimizer(self) -> torch.optim.Optimizer | None:
         return self.optimizer if self.zero_stage == 0 and isinstance(self.optimizer, torch.optim.Optimizer) else None
@@ -486,7 +520,7 @@ class DeepSpeedEngine:
             raise UserError(f"DeepSpeed could not load its checkpoint from {directory}")
 
 
-def make_engine(head: PrototypeHead, em_cfg: Any, env: DistEnv) -> HeadEngine:
+def make_head_engine(head: PrototypeHead, em_cfg: Any, env: DistEnv) -> HeadEngine:
     """``em.engine``: ``ddp`` (Adam, DDP over the head when world > 1) or ``deepspeed``."""
     head.to(env.device)
     if em_cfg.engine == "deepspeed":
@@ -498,20 +532,46 @@ def make_engine(head: PrototypeHead, em_cfg: Any, env: DistEnv) -> HeadEngine:
 
 # ------------------------------------------------------------------------------------------ orchestration
 
+_SHARDED_SUBDIR = "deepspeed"
 
-class GradientEM:
-    """theta_R (head + optimizer behind an engine) and theta_M (momentum prototypes) for `gradient` mode.
 
-    Usage per training step (all ranks)::
+class _ShardedWriter:
+    """Collective checkpoint writer for engines with sharded state (DeepSpeed ZeRO >= 1).
 
-        protos = grad_em.prototypes            # theta_M: make pseudo labels on the clean view with these
-        loss = grad_em.step(features, student_features, labels)
+    Called on EVERY rank; rank 0's directory is shared with all (ranks may pass None), then each rank writes
+    its shard into ``<directory>/deepspeed``. Fits ``checkpoint.save_checkpoint_distributed(all_ranks_writer=)``
+    and the "rank 0 passes the folder, the others None" protocol alike.
     """
 
-    def __init__(self, prototypes: torch.Tensor, em_cfg: Any, env: DistEnv | None = None):
+    all_ranks = True
+
+    def __init__(self, engine: HeadEngine):
+        self.engine = engine
+
+    def __call__(self, directory: str | os.PathLike | None) -> None:
+        paths = distributed.all_gather_object(None if directory is None else str(directory))
+        if paths[0] is None:
+            raise UserError("rank 0 gave no checkpoint directory for the DeepSpeed shards")
+        self.engine.save_checkpoint(Path(paths[0]) / _SHARDED_SUBDIR)
+
+
+class GradientEngine:
+    """`gradient` mode: theta_R (head + optimizer behind DDP or DeepSpeed) and theta_M (momentum prototypes).
+
+    Per training step (all ranks)::
+
+        teacher = engine.teacher_prototypes()      # theta_M: pseudo labels on the clean view
+        loss, counts = engine.step(student_features, pseudo_labels)
+    """
+
+    def __init__(
+        self, prototypes: torch.Tensor, em_cfg: Any, env: DistEnv | None = None, device: torch.device | None = None
+    ):
         env = env if env is not None else distributed.current_env()
+        if device is not None and torch.device(device) != env.device:
+            env = dataclasses.replace(env, device=torch.device(device))
         prototypes = prototypes.detach().to(env.device, torch.float32)
-        self.engine = make_engine(PrototypeHead(prototypes), em_cfg, env)
+        self.engine = make_head_engine(PrototypeHead(prototypes), em_cfg, env)
         self.momentum = MomentumPrototypes(prototypes, em_cfg.ema_every, em_cfg.ema_max)
         self.gamma = float(em_cfg.focal_gamma)
         self.last_ema_decay: float | None = None
@@ -520,39 +580,61 @@ class GradientEM:
     def head(self) -> PrototypeHead:
         return self.engine.head
 
-    @property
-    def prototypes(self) -> torch.Tensor:
+    def teacher_prototypes(self) -> torch.Tensor:
         """theta_M unit rows ``[K, C]``: pseudo labels and predictions."""
         return self.momentum.prototypes
 
-    @property
     def running_prototypes(self) -> torch.Tensor:
         """theta_R unit rows ``[K, C]``."""
         return self.engine.head.prototypes()
 
-    def step(
-        self, features: torch.Tensor, student_features: torch.Tensor | None, labels: torch.Tensor
-    ) -> torch.Tensor:
-        """One optimizer step of theta_R on ``student_features`` (or ``features`` when None), then the EMA.
+    def step(self, features: torch.Tensor, labels: torch.Tensor) -> tuple[float, torch.Tensor]:
+        """One optimizer step of theta_R, then the EMA of theta_M (collective).
 
-        ``features``/``student_features``: ``[B, C, h, w]``; ``labels``: ``[B, H, W]`` pseudo labels (255 =
-        ignore) from theta_M on the clean view. Collective. Returns the detached scalar loss.
+        Args:
+            features: ``[B, C, h, w]`` features of the view the student sees (the photometric view).
+            labels: ``[B, H, W]`` pseudo labels (255 = ignore) made with theta_M on the clean view; the
+                logits are upsampled bilinearly to ``H x W``.
+        Returns:
+            (loss as a float, global pseudo-label counts per class ``[K]`` int64).
         """
-        inputs = student_features if student_features is not None else features
-        loss = self.engine.step(inputs, labels, self.gamma)
+        loss, counts = self.engine.step(features, labels, self.gamma)
         self.last_ema_decay = self.momentum.step(self.engine.head.weight)
-        return loss
+        return float(loss), counts
 
     def state_dict(self) -> dict[str, Any]:
-        return {"engine": self.engine.state_dict(), "momentum": self.momentum.state_dict()}
+        """Replicated state (rank 0 may write it); see :meth:`checkpoint_parts` for sharded engines."""
+        return {
+            "engine": self.engine.state_dict(),
+            "momentum": self.momentum.state_dict(),
+            "sharded_subdir": _SHARDED_SUBDIR if self.engine.sharded else "",
+        }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def checkpoint_parts(self) -> tuple[dict[str, Any], _ShardedWriter | None]:
+        """``(state_dict(), writer)``: ``writer`` is None unless the engine has sharded state; then call
+        ``writer(folder)`` on rank 0 and ``writer(folder or None)`` on every other rank (collective)."""
+        return self.state_dict(), (_ShardedWriter(self.engine) if self.engine.sharded else None)
+
+    def load_state_dict(self, state: dict[str, Any], checkpoint_dir: str | os.PathLike | None = None) -> None:
+        """Restore; with a sharded engine also read ``<checkpoint_dir>/deepspeed`` (collective)."""
         self.engine.load_state_dict(state["engine"])
         self.momentum.load_state_dict(state["momentum"])
+        subdir = state.get("sharded_subdir", "")
+        if subdir and self.engine.sharded:
+            if checkpoint_dir is None:
+                raise UserError("this checkpoint keeps DeepSpeed shards in a folder; pass its checkpoint directory")
+            self.load_checkpoint(Path(checkpoint_dir) / subdir)
 
     def save_checkpoint(self, directory: str | os.PathLike) -> None:
-        """Collective: the engine's sharded state (DeepSpeed) into ``directory``."""
+        """Collective: the engine's own checkpoint (DeepSpeed format) into ``directory``; no-op for DDP."""
         self.engine.save_checkpoint(directory)
 
     def load_checkpoint(self, directory: str | os.PathLike) -> None:
         self.engine.load_checkpoint(directory)
+
+
+def make_engine(
+    prototypes: torch.Tensor, em_cfg: Any, env: DistEnv | None = None, device: torch.device | None = None
+) -> GradientEngine:
+    """The `gradient` M-step engine, starting from ``prototypes`` ``[K, C]`` (theta_R = theta_M = them)."""
+    return GradientEngine(prototypes, em_cfg, env, device)

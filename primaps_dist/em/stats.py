@@ -129,42 +129,50 @@ def batch_stats(
 
 @dataclass
 class StepResult:
-    """What one statistics step reports (global values, identical on every rank; tensors on the device).
+    """What one statistics update reports (global values, identical on every rank).
 
     ``objective``: mean cosine similarity of the labelled pixel features to their class prototype *before*
-    the update (NaN when no pixel was labelled); ``class_counts``: ``[K]`` int64 labelled pixels per class;
+    the update (NaN when no pixel was labelled); ``counts``: ``[K]`` int64 labelled pixels per class;
     ``labelled``: their total; ``updated``: ``[K]`` bool, classes whose prototype was recomputed.
     """
 
-    objective: torch.Tensor
-    class_counts: torch.Tensor
-    labelled: torch.Tensor
+    objective: float
+    counts: torch.Tensor
+    labelled: int
     updated: torch.Tensor
 
     def as_dict(self) -> dict[str, float]:
-        """Python numbers for logging (synchronises with the device)."""
+        """Python numbers for logging."""
         return {
-            "objective": float(self.objective),
+            "objective": self.objective,
             "labelled": float(self.labelled),
-            "classes_used": int((self.class_counts > 0).sum()),
+            "classes_used": float(int((self.counts > 0).sum())),
         }
 
 
 class PrototypeState:
     """Prototypes ``mu`` [K, C] float32 (unit rows) and their float64 moving statistics ``M`` [K, C], ``W`` [K].
 
-    Build from initial prototypes (PCA directions); they are normalised here.
+    ``PrototypeState(K, C)`` starts with zero prototypes (placeholders until :meth:`initialize`, e.g. with
+    the PCA directions); :meth:`from_prototypes` builds an initialised state in one go.
     """
 
-    def __init__(self, prototypes: torch.Tensor):
-        if prototypes.dim() != 2:
-            raise ValueError(f"prototypes must be [K, C], got shape {tuple(prototypes.shape)}")
-        self.prototypes = normalise_rows(prototypes.detach().to(torch.float32)).clone()
-        num_classes, channels = self.prototypes.shape
-        device = self.prototypes.device
-        self.M = torch.zeros(num_classes, channels, dtype=torch.float64, device=device)
+    def __init__(self, num_classes: int, dim: int, device: torch.device | str | None = None):
+        if num_classes < 1 or dim < 1:
+            raise ValueError(f"need num_classes >= 1 and dim >= 1, got {num_classes} and {dim}")
+        device = torch.device(device) if device is not None else torch.device("cpu")
+        self.prototypes = torch.zeros(num_classes, dim, dtype=torch.float32, device=device)
+        self.M = torch.zeros(num_classes, dim, dtype=torch.float64, device=device)
         self.W = torch.zeros(num_classes, dtype=torch.float64, device=device)
         self.step = 0
+
+    @classmethod
+    def from_prototypes(cls, prototypes: torch.Tensor) -> "PrototypeState":
+        if prototypes.dim() != 2:
+            raise ValueError(f"prototypes must be [K, C], got shape {tuple(prototypes.shape)}")
+        state = cls(prototypes.shape[0], prototypes.shape[1], prototypes.device)
+        state.initialize(prototypes)
+        return state
 
     @property
     def num_classes(self) -> int:
@@ -178,16 +186,33 @@ class PrototypeState:
     def device(self) -> torch.device:
         return self.prototypes.device
 
+    def _checked(self, prototypes: torch.Tensor) -> torch.Tensor:
+        if tuple(prototypes.shape) != tuple(self.prototypes.shape):
+            raise ValueError(f"prototypes have shape {tuple(prototypes.shape)}, expected {tuple(self.prototypes.shape)}")
+        return normalise_rows(prototypes.detach().to(device=self.device, dtype=torch.float32)).clone()
+
+    def initialize(self, prototypes: torch.Tensor) -> None:
+        """Start from ``prototypes`` ``[K, C]`` (normalised here): M = W = 0, step = 0."""
+        self.prototypes = self._checked(prototypes)
+        self.M.zero_()
+        self.W.zero_()
+        self.step = 0
+
+    def set_prototypes(self, prototypes: torch.Tensor) -> None:
+        """Replace ``mu`` only (e.g. mirror the gradient mode's momentum prototypes); M, W untouched."""
+        self.prototypes = self._checked(prototypes)
+
     def to(self, device: torch.device | str) -> "PrototypeState":
         self.prototypes = self.prototypes.to(device)
         self.M = self.M.to(device)
         self.W = self.W.to(device)
         return self
 
-    def update(self, reduced: torch.Tensor, momentum: float) -> torch.Tensor:
-        """Apply one moving-average step from the REDUCED packed statistics ``[K, C+1]``.
+    def update(self, reduced: torch.Tensor, momentum: float) -> StepResult:
+        """Apply one moving-average step from the REDUCED packed statistics ``[K, C+1]`` (see module doc).
 
-        Returns ``[K]`` bool: classes whose prototype was recomputed.
+        Identical on every rank given the same reduced tensor; synchronises once with the device for the
+        Python numbers of the result.
         """
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
@@ -197,6 +222,9 @@ class PrototypeState:
             raise ValueError(f"packed statistics have shape {tuple(reduced.shape)}, expected {expected}")
         reduced = reduced.to(device=self.device, dtype=torch.float64)
         sums, counts = reduced[:, :channels], reduced[:, channels]
+        labelled = counts.sum()
+        # sum_i cos(f_i, mu_label_i) = sum_k <S_k, mu_k>, with the prototypes before this update.
+        objective = (sums * self.prototypes.to(torch.float64)).sum() / labelled  # NaN when nothing labelled
         observed = counts > 0
         self.M = torch.where(observed[:, None], momentum * self.M + (1.0 - momentum) * sums, self.M)
         self.W = torch.where(observed, momentum * self.W + (1.0 - momentum) * counts, self.W)
@@ -206,7 +234,12 @@ class PrototypeState:
         directions = (self.M / norms.clamp_min(1e-300)[:, None]).to(torch.float32)
         self.prototypes = torch.where(usable[:, None], directions, self.prototypes)
         self.step += 1
-        return usable
+        return StepResult(
+            objective=float(objective),
+            counts=counts.round().to(torch.int64),
+            labelled=int(labelled.round()),
+            updated=usable,
+        )
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Tensors only (``torch.load(weights_only=True)`` works)."""
@@ -240,21 +273,9 @@ def stats_step(
 ) -> StepResult:
     """One all-reduced statistics step: batch_stats -> ONE all_reduce_sum -> :meth:`PrototypeState.update`.
 
-    Every rank must call it (with its own batch, possibly empty of labels) the same number of times.
+    Every rank must call it (with its own batch, possibly without any labelled pixel) equally often.
     ``features`` ``[N, C]``/``[B, C, H, W]``, ``labels`` ``[N]``/``[B, H, W]`` with 255 = ignore.
     """
     packed = batch_stats(features, labels, state.num_classes, ignore_index)
     distributed.all_reduce_sum(packed)
-    channels = state.dim
-    counts = packed[:, channels]
-    labelled = counts.sum()
-    # sum_i cos(f_i, mu_label_i) = sum_k <S_k, mu_k>, with the prototypes before this update.
-    similarity = (packed[:, :channels] * state.prototypes.to(torch.float64)).sum()
-    objective = similarity / labelled  # NaN when nothing was labelled
-    updated = state.update(packed, momentum)
-    return StepResult(
-        objective=objective,
-        class_counts=counts.round().to(torch.int64),
-        labelled=labelled.round().to(torch.int64),
-        updated=updated,
-    )
+    return state.update(packed, momentum)
