@@ -70,6 +70,21 @@ def _client_host(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
+def _die_with_parent() -> None:
+    """In the server process (Linux): get SIGTERM when the starting process dies, even by SIGKILL.
+
+    The server runs in its own session (so stop() can signal its whole group); without this an
+    interrupted test or a killed CLI would leave an orphaned server holding the port.
+    """
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001 - best effort; not available outside Linux
+        pass
+
+
 def check_health(uri: str, timeout_s: float = 1.0) -> bool:
     """True when ``<uri>/health`` answers 200."""
     try:
@@ -145,6 +160,8 @@ def start_server(
     Defaults: backend ``sqlite:///<cwd>/mlflow.db``, artifacts in ``<cwd>/mlartifacts`` (proxied through
     the server, so clients upload over HTTP). ``log_path`` receives the server's output (None: inherit).
     Raises UserError when the port is taken or the server exits or stays silent for ``timeout_s``.
+    On Linux the server gets SIGTERM when the calling thread ends (so nothing is orphaned if the caller is
+    killed): call it from a thread that lives as long as the server should.
     """
     if not 0 < port < 65536:
         raise UserError(f"--port must be in 1..65535, got {port}")
@@ -175,6 +192,7 @@ def start_server(
     process = subprocess.Popen(
         command, stdout=log_handle, stderr=subprocess.STDOUT if log_handle else None,
         stdin=subprocess.DEVNULL, env=env, start_new_session=True,  # own process group: stop() reaches workers
+        preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
     )
     uri = f"http://{_client_host(host)}:{port}"
     handle = ServerHandle(process, uri, host, port, backend_store_uri, artifacts, log_path, 0.0, log_handle)

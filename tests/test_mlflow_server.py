@@ -139,6 +139,7 @@ def test_cli_serves_on_loopback_until_sigterm(tmp_path):
                "--backend-store-uri", f"sqlite:///{tmp_path / 'cli.db'}",
                "--artifacts-destination", str(tmp_path / "artifacts"), "--log-file", str(tmp_path / "server.log")]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    server_pid = None
     try:
         ready = process.stdout.readline()
         assert ready.startswith(f"MLflow server ready at http://127.0.0.1:{port} (pid "), ready + process.stderr.read()
@@ -153,6 +154,42 @@ def test_cli_serves_on_loopback_until_sigterm(tmp_path):
     finally:
         if process.poll() is None:
             process.kill()
+            if server_pid is not None:  # the test failed half-way: do not leave the server behind
+                try:
+                    os.killpg(server_pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
     assert not check_health(f"http://127.0.0.1:{port}")
     with pytest.raises(ProcessLookupError):  # the server's whole process group is gone
         os.killpg(server_pid, 0)
+
+
+def test_killed_cli_does_not_orphan_the_server(tmp_path):
+    port = find_free_port()
+    command = [sys.executable, "-m", "primaps_dist.tracking_server", "--port", str(port),
+               "--backend-store-uri", f"sqlite:///{tmp_path / 'cli.db'}",
+               "--artifacts-destination", str(tmp_path / "artifacts"), "--log-file", str(tmp_path / "server.log")]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    server_pid = None
+    try:
+        ready = process.stdout.readline()
+        assert "ready at" in ready, ready + process.stderr.read()
+        server_pid = int(ready.split("(pid ")[1].split(",")[0])
+        process.kill()  # no chance to clean up
+        process.wait(timeout=30)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                os.killpg(server_pid, 0)
+            except ProcessLookupError:
+                break
+            assert time.monotonic() < deadline, "the server outlived its killed parent"
+            time.sleep(0.25)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        if server_pid is not None:
+            try:
+                os.killpg(server_pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
