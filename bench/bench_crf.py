@@ -3,8 +3,11 @@
 Usage:  python bench/bench_crf.py [--batch 8] [--size 320] [--labels 6] [--repeats 2] [--threads 1 2]
 
 Prints, for PriMaPs-like log-probabilities on real photos (scikit-image's bundled images):
-argmax agreement with pydensecrf, seconds per batch for both backends, the throughput ratio per torch
-thread count, the split of the torch time (lattice build vs iterations) and its peak memory.
+argmax agreement with pydensecrf, seconds per batch for both backends (wall and process CPU time, the
+latter is the steadier number on a shared machine), the throughput ratio per torch thread count, the
+split of the torch time (set-up: lattice build + Gaussian, vs the 10 iterations), the CUDA time when a
+GPU is present, and the peak extra memory of one call (fresh subprocess). pydensecrf is single-threaded;
+the torch default is 1 thread (on a loaded 2-core host more threads oversubscribe badly). About 1.5 min.
 The sample generator is shared with tests/test_crf.py.
 """
 
@@ -82,3 +85,148 @@ def sample_batch(batch: int, size: int, labels: int, unused: int = 0) -> tuple[t
         images.append(image)
         logits.append(torch.cat([logp, pad]))
     return torch.stack(logits), torch.stack(images)
+
+
+# --------------------------------------------------------------------------------------------------
+# Measurements
+# --------------------------------------------------------------------------------------------------
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, repeats: int, device: torch.device = torch.device("cpu")) -> tuple[float, float]:
+    """Best-of-``repeats`` (wall seconds, process CPU seconds) of ``fn()`` after one warm-up call."""
+    fn()
+    _synchronize(device)
+    walls, cpus = [], []
+    for _ in range(repeats):
+        wall, cpu = time.perf_counter(), time.process_time()
+        fn()
+        _synchronize(device)
+        walls.append(time.perf_counter() - wall)
+        cpus.append(time.process_time() - cpu)
+    return min(walls), min(cpus)
+
+
+def torch_build(logits: torch.Tensor, images: torch.Tensor) -> None:
+    """What :func:`primaps_dist.crf.dense_crf` builds before its iterations (default parameters)."""
+    from primaps_dist import crf
+
+    height, width = logits.shape[2:]
+    crf.GaussianOperator(height, width, 1.0, 3.0, logits.device)
+    crf._bilateral_operator(images, 67.0, 3.0, 4.0)
+
+
+def pydensecrf_batch(logits: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    from primaps_dist.crf import dense_crf
+
+    return dense_crf(logits, images, backend="pydensecrf")
+
+
+def peak_memory_mib(batch: int, size: int, labels: int, device: str) -> float:
+    """Peak extra memory (MiB) of one torch CRF call, measured in a fresh process.
+
+    CPU: growth of the peak resident set (VmHWM, reset just before the call); CUDA: max allocated.
+    """
+    code = (
+        "import sys, torch; sys.path.insert(0, %r); import bench_crf as b; "
+        "print(b._peak_memory_child(%d, %d, %d, %r))" % (os.path.dirname(os.path.abspath(__file__)), batch, size, labels, device)
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def _resident_mib(field: str) -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def _peak_memory_child(batch: int, size: int, labels: int, device: str) -> float:
+    from primaps_dist.crf import dense_crf
+
+    torch.set_num_threads(1)
+    logits, images = sample_batch(batch, size, labels)
+    logits, images = logits.to(device), images.to(device)
+    dense_crf(logits[:1, :, :8, :8].contiguous(), images[:1, :, :8, :8].contiguous())  # load kernels
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        dense_crf(logits, images)
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    try:
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")  # reset the peak resident set size (Linux >= 4.0)
+        before = _resident_mib("VmRSS")
+        dense_crf(logits, images)
+        return _resident_mib("VmHWM") - before
+    except OSError:
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+        dense_crf(logits, images)
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0 - before
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--size", type=int, default=320)
+    parser.add_argument("--labels", type=int, default=6)
+    parser.add_argument("--repeats", type=int, default=2, help="best of N timed runs (after a warm-up)")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1], help="torch CPU thread counts to time")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocess")
+    args = parser.parse_args(argv)
+
+    from primaps_dist.crf import dense_crf
+
+    logits, images = sample_batch(args.batch, args.size, args.labels)
+    shape = f"batch {args.batch} x {args.labels} labels x {args.size}x{args.size}"
+    print(f"dense CRF, 10 iterations, reference parameters, {shape}; times are best of {args.repeats}")
+    print(f"host: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}, torch {torch.__version__}")
+
+    torch.set_num_threads(1)
+    reference = pydensecrf_batch(logits, images)
+    ours = dense_crf(logits, images)
+    agreement = (ours.argmax(1) == reference.argmax(1)).float().mean().item()
+    no_crf = (logits.argmax(1) == reference.argmax(1)).float().mean().item()
+    print(f"argmax agreement torch vs pydensecrf: {100 * agreement:.3f} % (unary argmax alone: {100 * no_crf:.2f} %)")
+
+    ref_wall, ref_cpu = timed(lambda: pydensecrf_batch(logits, images), args.repeats)
+    print(f"pydensecrf (1 process):    {ref_wall:6.2f} s wall  {ref_cpu:6.2f} s CPU per batch")
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        wall, cpu = timed(lambda: dense_crf(logits, images), args.repeats)
+        build_wall, build_cpu = timed(lambda: torch_build(logits, images), args.repeats)
+        print(
+            f"torch CPU, {threads} thread(s):   {wall:6.2f} s wall  {cpu:6.2f} s CPU per batch   "
+            f"throughput x{ref_wall / wall:.2f} of pydensecrf (wall), x{ref_cpu / cpu:.2f} (CPU time)"
+        )
+        print(
+            f"    split: lattice + Gaussian set-up {build_wall:5.2f} s wall ({100 * build_wall / wall:.0f} %), "
+            f"10 iterations {wall - build_wall:5.2f} s wall"
+        )
+    torch.set_num_threads(1)
+    if torch.cuda.is_available():
+        device = torch.device("cuda")
+        logits_gpu, images_gpu = logits.to(device), images.to(device)
+        wall, _ = timed(lambda: dense_crf(logits_gpu, images_gpu), args.repeats, device)
+        build_wall, _ = timed(lambda: torch_build(logits_gpu, images_gpu), args.repeats, device)
+        print(
+            f"torch {torch.cuda.get_device_name()}: {wall:6.3f} s per batch, set-up {build_wall:6.3f} s, "
+            f"throughput x{ref_wall / wall:.1f} of pydensecrf"
+        )
+    if not args.no_memory:
+        print(f"peak extra memory of one torch CPU call: {peak_memory_mib(args.batch, args.size, args.labels, 'cpu'):.0f} MiB")
+        if torch.cuda.is_available():
+            print(f"peak extra GPU memory of one call: {peak_memory_mib(args.batch, args.size, args.labels, 'cuda'):.0f} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -283,14 +284,14 @@ def _csr(crow: Tensor, col: Tensor, value: Tensor, size: tuple[int, int]) -> Ten
     """CSR matrix; int32 indices when they fit (MKL and cuSPARSE take int32 without a conversion copy)."""
     if col.numel() < 2**31 and max(size) < 2**31:
         crow, col = crow.to(torch.int32), col.to(torch.int32)
-    return torch.sparse_csr_tensor(crow, col, value, size=size, check_invariants=False)
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": the ops used here are stable
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.sparse_csr_tensor(crow, col, value, size=size, check_invariants=False)
 
 
 def _with_values(matrix: Tensor, values: Tensor) -> Tensor:
     """Same sparsity pattern as the CSR ``matrix``, new ``values``."""
-    return torch.sparse_csr_tensor(
-        matrix.crow_indices(), matrix.col_indices(), values, size=matrix.shape, check_invariants=False
-    )
+    return _csr(matrix.crow_indices(), matrix.col_indices(), values, tuple(matrix.shape))
 
 
 class LatticeOperator:

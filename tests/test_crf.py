@@ -1,0 +1,310 @@
+"""Dense CRF: agreement with pydensecrf on real photos, exactness of the lattice, contract, validation."""
+
+from __future__ import annotations
+
+import builtins
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from primaps_dist import crf
+from primaps_dist.crf import PermutohedralLattice, dense_crf, make_crf
+from primaps_dist.errors import UserError
+
+HAVE_PYDENSECRF = importlib.util.find_spec("pydensecrf") is not None
+needs_pydensecrf = pytest.mark.skipif(not HAVE_PYDENSECRF, reason="pydensecrf not importable (install the crf extra)")
+
+
+def _load_bench():
+    """bench/bench_crf.py holds the sample generator shared with the benchmark."""
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_crf.py"
+    spec = importlib.util.spec_from_file_location("bench_crf", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("bench_crf", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+bench = _load_bench()
+
+
+@pytest.fixture(autouse=True)
+def _two_threads():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def photos_320():
+    """Four real photos at 320x320 with PriMaPs-like logits; images 1 and 3 have one -inf channel."""
+    return bench.sample_batch(4, 320, 6, unused=1)
+
+
+def _agreement(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-image fraction of pixels with the same argmax label: ``[B]``."""
+    return (a.argmax(dim=1) == b.argmax(dim=1)).float().mean(dim=(1, 2))
+
+
+def _random_inputs(batch=2, labels=4, height=9, width=7, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(batch, labels, height, width, generator=generator) * 2
+    images = torch.rand(batch, 3, height, width, generator=generator) * 255
+    return logits, images
+
+
+# --------------------------------------------------------------------------------------------------
+# Agreement with the reference
+# --------------------------------------------------------------------------------------------------
+
+
+@needs_pydensecrf
+def test_argmax_matches_pydensecrf_on_real_photos(photos_320):
+    logits, images = photos_320
+    ours = dense_crf(logits, images)
+    reference = dense_crf(logits, images, backend="pydensecrf")
+    agreement = _agreement(ours, reference)
+    no_crf = _agreement(logits, reference)
+    assert agreement.min() >= 0.99, agreement  # brief: >= 95 %; measured > 99.9 %
+    # The CRF really changes the labels, so the agreement above is not just the unary argmax.
+    assert no_crf.mean() < 0.985, no_crf
+    assert agreement.mean() > no_crf.mean() + 0.01
+
+
+@needs_pydensecrf
+def test_bilateral_lattice_reproduces_pydensecrf_exactly(photos_320):
+    # Gaussian weight 0 isolates the permutohedral lattice, which follows pydensecrf step for step.
+    logits, images = (t[:2, :, 96:224, 64:256].contiguous() for t in photos_320)
+    ours = dense_crf(logits, images, gaussian_weight=0.0)
+    reference = dense_crf(logits, images, gaussian_weight=0.0, backend="pydensecrf")
+    assert (ours - reference).abs().max() < 1e-4
+
+
+@needs_pydensecrf
+def test_gaussian_kernel_close_to_pydensecrf(photos_320):
+    logits, images = (t[:2, :, :160, :160].contiguous() for t in photos_320)
+    ours = dense_crf(logits, images, bilateral_weight=0.0)
+    reference = dense_crf(logits, images, bilateral_weight=0.0, backend="pydensecrf")
+    assert _agreement(ours, reference).min() > 0.995
+    assert (ours - reference).abs().mean() < 5e-3
+
+
+@needs_pydensecrf
+def test_pydensecrf_backend_handles_unused_channels(photos_320):
+    logits, images = (t[:, :, :64, :64].contiguous() for t in photos_320)
+    out = dense_crf(logits, images, backend="pydensecrf")
+    unused = torch.isneginf(logits).all(dim=3).all(dim=2)  # [B, L]
+    assert unused.any()
+    assert torch.all(out.permute(0, 2, 3, 1)[unused[:, None, None, :].expand(-1, 64, 64, -1)] == 0)
+    torch.testing.assert_close(out.sum(dim=1), torch.ones(4, 64, 64), atol=1e-5, rtol=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# The lattice itself (no pydensecrf needed)
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dim", [1, 2, 5])
+def test_lattice_approximates_a_unit_gaussian(dim):
+    generator = torch.Generator().manual_seed(dim)
+    features = torch.rand(300, dim, generator=generator) * 4
+    kernel = PermutohedralLattice.build(features).filter(torch.eye(300))
+    exact = torch.exp(-0.5 * torch.cdist(features, features) ** 2)
+    correlation = torch.corrcoef(torch.stack([kernel.flatten(), exact.flatten()]))[0, 1]
+    assert correlation > 0.95
+    assert torch.allclose(kernel.sum(dim=0), kernel.sum(dim=0).clamp(min=0))  # non-negative weights
+    # Far-apart points do not interact at all.
+    far = torch.cat([features, features + 100.0])
+    block = PermutohedralLattice.build(far).filter(torch.eye(600))
+    assert block[:300, 300:].abs().max() == 0
+
+
+def test_lattice_structure_is_consistent():
+    generator = torch.Generator().manual_seed(1)
+    features = torch.rand(2 * 150, 5, generator=generator) * 3
+    lattice = PermutohedralLattice.build(features, num_groups=2)
+    torch.testing.assert_close(lattice.point_weights.sum(dim=1), torch.ones(300), atol=1e-5, rtol=0)
+    assert (lattice.point_weights >= -1e-6).all()
+    # Each corner class owns a disjoint, contiguous id range per group; images share no vertex.
+    first, second = lattice.point_vertices[:150], lattice.point_vertices[150:]
+    assert first.max() < second.min()
+    # Blur neighbours are symmetric: the opposite neighbour of my neighbour is me.
+    for axis in range(6):
+        n1, n2 = lattice.neighbours[axis]
+        has = n1 >= 0
+        assert torch.equal(n2[n1[has]], torch.nonzero(has).flatten())
+    # The sparse operator equals the index-based reference filter (normalised, weighted).
+    operator = crf.LatticeOperator(lattice, weight=2.5)
+    values = torch.rand(300, 3, generator=generator)
+    degree = lattice.filter(torch.ones(300, 1))
+    expected = 2.5 * degree.rsqrt() * lattice.filter(values * degree.rsqrt())
+    torch.testing.assert_close(operator(values), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_sparse_matrices_satisfy_csr_invariants():
+    # Sorted, unique column indices per row: required by cuSPARSE, checked here on the CPU.
+    generator = torch.Generator().manual_seed(2)
+    lattice = PermutohedralLattice.build(torch.rand(400, 5, generator=generator) * 3, num_groups=2)
+    operator = crf.LatticeOperator(lattice, weight=1.0)
+    for matrix in [operator._splat, operator._slice, *operator._blur]:
+        torch._validate_sparse_csr_tensor_args(
+            matrix.crow_indices(), matrix.col_indices(), matrix.values(), matrix.shape
+        )
+
+
+def test_lattice_rejects_bad_input():
+    with pytest.raises(ValueError, match=r"\[N, d\]"):
+        PermutohedralLattice.build(torch.rand(5))
+    with pytest.raises(ValueError, match="num_groups=3"):
+        PermutohedralLattice.build(torch.rand(10, 2), num_groups=3)
+    with pytest.raises(ValueError, match="overflow"):
+        PermutohedralLattice.build(torch.tensor([[0.0] * 5, [1e4] * 5]))
+
+
+# --------------------------------------------------------------------------------------------------
+# Output contract
+# --------------------------------------------------------------------------------------------------
+
+
+def test_probabilities_deterministic_and_unused_labels_stay_zero():
+    logits, images = _random_inputs(batch=3, labels=5, height=17, width=13)
+    logits[0, 4] = float("-inf")  # label unused by image 0
+    logits[1, 2, 3:9, 2:6] = float("-inf")  # label forbidden at some pixels only
+    first = dense_crf(logits, images)
+    second = dense_crf(logits.clone(), images.clone())
+    assert first.dtype == torch.float32 and first.shape == logits.shape
+    assert torch.equal(first, second)
+    torch.testing.assert_close(first.sum(dim=1), torch.ones(3, 17, 13), atol=1e-5, rtol=0)
+    assert (first >= 0).all()
+    assert torch.all(first[torch.isneginf(logits)] == 0)
+    assert (first[2, 4] > 0).all()  # unaffected elsewhere
+
+
+def test_batch_equals_images_one_by_one():
+    logits, images = _random_inputs(batch=3, labels=4, height=24, width=20, seed=3)
+    batched = dense_crf(logits, images)
+    for b in range(3):
+        alone = dense_crf(logits[b : b + 1], images[b : b + 1])
+        torch.testing.assert_close(batched[b : b + 1], alone, atol=1e-6, rtol=0)
+
+
+def test_refinement_follows_image_edges():
+    # Left half dark, right half bright; the unary is ambiguous in a band around the edge and slightly
+    # wrong on both sides: the bilateral kernel must snap the labels to the colour edge.
+    height, width = 24, 32
+    images = torch.zeros(1, 3, height, width)
+    images[..., width // 2 :] = 200.0
+    columns = torch.arange(width, dtype=torch.float32)
+    score = torch.tanh((columns - (width // 2 + 4)) / 6.0) * 0.3  # edge placed 4 px too far right
+    logits = torch.stack([-score, score]).view(1, 2, 1, width).expand(1, 2, height, width).contiguous()
+    refined = dense_crf(logits, images).argmax(dim=1)
+    expected = (columns >= width // 2).long().expand(1, height, width)
+    assert (logits.argmax(dim=1) != expected).float().mean() > 0.1
+    assert torch.equal(refined, expected)
+
+
+def test_iterations_zero_gives_clipped_unary_softmax():
+    logits, images = _random_inputs()
+    logits[:, 0] -= 30.0  # probabilities below the 1e-5 clip
+    out = dense_crf(logits, images, iterations=0)
+    clipped = torch.softmax(logits, dim=1).clamp(min=crf.UNARY_CLIP)
+    torch.testing.assert_close(out, clipped / clipped.sum(dim=1, keepdim=True), atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1, 1), (1, 1, 5, 4), (1, 3, 1, 1), (2, 2, 1, 6), (1, 4, 3, 2)])
+def test_tiny_shapes(shape):
+    logits = torch.randn(shape)
+    images = torch.rand(shape[0], 3, *shape[2:]) * 255
+    out = dense_crf(logits, images)
+    assert out.shape == shape
+    torch.testing.assert_close(out.sum(dim=1), torch.ones(shape[0], *shape[2:]), atol=1e-5, rtol=0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    batch=st.integers(1, 3),
+    labels=st.integers(1, 5),
+    height=st.integers(1, 10),
+    width=st.integers(1, 10),
+    seed=st.integers(0, 2**16),
+    scale=st.floats(0.1, 20.0),
+)
+def test_properties_hold_for_random_inputs(batch, labels, height, width, seed, scale):
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(batch, labels, height, width, generator=generator) * scale
+    forbidden = torch.rand(batch, labels, height, width, generator=generator) < 0.3
+    forbidden[:, 0] = False  # every pixel keeps at least one label
+    logits[forbidden] = float("-inf")
+    images = torch.rand(batch, 3, height, width, generator=generator) * 255
+    out = dense_crf(logits, images)
+    assert torch.isfinite(out).all()
+    assert torch.all(out[forbidden] == 0)
+    torch.testing.assert_close(out.sum(dim=1), torch.ones(batch, height, width), atol=1e-5, rtol=0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation and the config-facing helper
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "logits, images, kwargs, message",
+    [
+        (torch.zeros(2, 3, 4), torch.zeros(2, 3, 3, 4), {}, r"logits must be \[B, L, H, W\]"),
+        (torch.zeros(1, 2, 4, 4), torch.zeros(1, 1, 4, 4), {}, r"images must be \[B, 3, H, W\]"),
+        (torch.zeros(1, 2, 4, 4), torch.zeros(1, 3, 4, 5), {}, "do not match"),
+        (torch.zeros(2, 2, 4, 4), torch.zeros(1, 3, 4, 4), {}, "do not match"),
+        (torch.zeros(1, 2, 4, 4, dtype=torch.float64), torch.zeros(1, 3, 4, 4), {}, "logits must be float32"),
+        (torch.zeros(1, 2, 4, 4), torch.zeros(1, 3, 4, 4, dtype=torch.uint8), {}, r"images\.float\(\)"),
+        (torch.zeros(1, 2, 4, 4), torch.zeros(1, 3, 4, 4, dtype=torch.float64), {}, "images must be float32"),
+        (torch.full((1, 2, 4, 4), math.nan), torch.zeros(1, 3, 4, 4), {}, "NaN"),
+        (torch.full((1, 2, 4, 4), -math.inf), torch.zeros(1, 3, 4, 4), {}, "at least one finite logit"),
+        (torch.zeros(1, 2, 4, 4), torch.full((1, 3, 4, 4), math.inf), {}, "images contain"),
+        (torch.zeros(1, 2, 4, 4), torch.zeros(1, 3, 4, 4), {"iterations": -1}, "iterations"),
+        (torch.zeros(1, 2, 4, 4), torch.zeros(1, 3, 4, 4), {"bilateral_srgb": 0.0}, "bilateral_srgb"),
+        (torch.zeros(1, 2, 4, 4), torch.zeros(1, 3, 4, 4), {"gaussian_weight": -1.0}, "gaussian_weight"),
+        (torch.zeros(1, 2, 4, 4), torch.zeros(1, 3, 4, 4), {"backend": "dcrf"}, "unknown backend 'dcrf'"),
+        (torch.zeros(0, 2, 4, 4), torch.zeros(0, 3, 4, 4), {}, "non-empty"),
+    ],
+)
+def test_bad_input_raises_precise_value_error(logits, images, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        dense_crf(logits, images, **kwargs)
+
+
+def test_missing_pydensecrf_is_a_one_line_user_error(monkeypatch):
+    real_import = builtins.__import__
+
+    def fail_pydensecrf(name, *args, **kwargs):
+        if name.startswith("pydensecrf"):
+            raise ImportError(f"No module named '{name}'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", fail_pydensecrf)
+    logits, images = _random_inputs()
+    for call in (lambda: dense_crf(logits, images, backend="pydensecrf"), lambda: make_crf("pydensecrf")):
+        with pytest.raises(UserError, match=r"primaps-dist\[crf\]") as info:
+            call()
+        assert "\n" not in str(info.value)
+
+
+def test_make_crf_binds_the_config_fields():
+    from dataclasses import asdict
+
+    from primaps_dist.config import CRFConfig
+
+    logits, images = _random_inputs(seed=5)
+    config = CRFConfig(iterations=3, bilateral_srgb=10.0)
+    crf_fn = make_crf(**asdict(config))
+    torch.testing.assert_close(crf_fn(logits, images), dense_crf(logits, images, iterations=3, bilateral_srgb=10.0))
+    none_fn = make_crf(backend="none")
+    torch.testing.assert_close(none_fn(logits, images), torch.softmax(logits, dim=1))
+    with pytest.raises(ValueError, match="unknown backend 'fast'"):
+        make_crf(backend="fast")
