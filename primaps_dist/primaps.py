@@ -104,8 +104,6 @@ def _top_direction(
     inverse_count = (1.0 / free_count.clamp(min=1.0))[:, None, None]
     sums = free_sum.unsqueeze(1)  # [b, 1, C]
     converged = ~active
-    direction = basis[:, 0]
-    ritz_basis = basis
     rows = basis
     floor = _DEGENERATE_EIGENVALUE * total_variance
     for iteration in range(_MAX_SOLVER_ITERS):
@@ -118,17 +116,14 @@ def _top_direction(
         ritz = rotation @ rows
         applied_ritz = rotation @ applied
         residual = torch.linalg.vector_norm(applied_ritz[:, 0] - top[:, None] * ritz[:, 0], dim=1)
-        done_now = (residual <= _RESIDUAL_TOL * top) | (top <= floor)
-        last = iteration == _MAX_SOLVER_ITERS - 1
-        take = ~converged & (done_now | last)
-        direction = torch.where(take[:, None], ritz[:, 0], direction)
-        ritz_basis = torch.where(take[:, None, None], ritz, ritz_basis)
-        converged = converged | done_now
-        if last or bool(converged.all()):
+        converged = converged | (residual <= _RESIDUAL_TOL * top) | (top <= floor)
+        if iteration == _MAX_SOLVER_ITERS - 1 or bool(converged.all()):
             break
+        # Converged images keep their rows, so every later iteration reproduces their Ritz vectors
+        # exactly and the final `ritz` is theirs at convergence time.
         stepped = torch.linalg.qr(applied_ritz.transpose(1, 2)).Q.transpose(1, 2)
-        rows = torch.where(converged[:, None, None], rows, stepped)
-    return F.normalize(direction, dim=1), ritz_basis
+        rows = torch.where(converged[:, None, None], rows, stepped) if bool(converged.any()) else stepped
+    return F.normalize(ritz[:, 0], dim=1), ritz
 
 
 def _first_index_of_max(values: torch.Tensor) -> torch.Tensor:
@@ -139,11 +134,18 @@ def _first_index_of_max(values: torch.Tensor) -> torch.Tensor:
 
 
 class _WorkingSet:
-    """Per-image state of the proposal loop for the images still in the working batch."""
+    """State of the proposal loop for the images still in the working batch.
+
+    Features are stored centred (``f - mean``, so down-dates need no subtraction) as columns
+    [b, C, Q + 1]; the last column is all zeros and never free, so padded gathers can point at it.
+    Only columns that may still be free are kept: once the largest free count of the working images
+    drops to half the stored width, the free columns are gathered to the front (stable, so row-major
+    order and hence first-on-ties decisions are kept) and the rest dropped.
+    """
 
     _STATE = (
-        "rows", "features", "inverse_norm", "mean", "gram", "free_sum", "total_variance", "free",
-        "free_count", "basis", "running", "counts", "mask_id", "mask_value",
+        "rows", "centred", "inverse_norm", "position", "mean", "gram", "free_sum", "total_variance",
+        "free", "free_count", "basis", "running", "counts", "mask_id", "mask_value",
     )
 
     def __init__(self, features: torch.Tensor, block: int):
@@ -154,58 +156,86 @@ class _WorkingSet:
         norm = torch.linalg.vector_norm(flat, dim=1)  # [b, P]
         if not bool(torch.isfinite(norm).all()) and not bool(torch.isfinite(flat).all()):
             raise ValueError("features contain NaN or Inf values")
+        self.positions = positions
         self.rows = torch.arange(batch, device=device)  # full-batch index of each working image
-        self.features = flat  # [b, C, P]
-        self.inverse_norm = 1.0 / norm.clamp(min=1e-12)  # same eps as F.normalize
         self.mean = flat.mean(dim=2)  # [b, C]
-        # Centre first: the covariance is shift invariant and the float32 Gram matrix then does not
-        # lose digits to a large common mean.
-        centred = flat - self.mean.unsqueeze(2)
+        # Centring first also keeps the float32 Gram matrix from losing digits to a large mean.
+        self.centred = torch.zeros(batch, channels, positions + 1, device=device)
+        centred = self.centred[:, :, :positions]
+        torch.sub(flat, self.mean.unsqueeze(2), out=centred)
         self.gram = centred @ centred.transpose(1, 2)  # [b, C, C]
         self.free_sum = centred.sum(dim=2)  # [b, C]
         self.total_variance = torch.diagonal(self.gram, dim1=1, dim2=2).sum(dim=1)
         self.basis = _start_basis(centred, min(block, channels))
-        del centred
-        self.free = torch.ones(batch, positions, dtype=torch.bool, device=device)
+        self.inverse_norm = F.pad(1.0 / norm.clamp(min=1e-12), (0, 1))  # [b, Q+1], F.normalize's eps
+        self.position = F.pad(torch.arange(positions, device=device), (0, 1), value=-1).expand(batch, -1)
+        self.free = F.pad(torch.ones(batch, positions, dtype=torch.bool, device=device), (0, 1))
         self.free_count = torch.full((batch,), positions, dtype=torch.int64, device=device)
         self.running = torch.ones(batch, dtype=torch.bool, device=device)
         self.counts = torch.zeros(batch, dtype=torch.int64, device=device)
-        self.mask_id = torch.zeros(batch, positions, dtype=torch.int64, device=device)
-        self.mask_value = torch.zeros(batch, positions, dtype=torch.float32, device=device)
+        self.mask_id = torch.zeros(batch, positions, dtype=torch.int64, device=device)  # [b, P]
+        self.mask_value = torch.zeros(batch, positions, dtype=torch.float32, device=device)  # [b, P]
+
+    @property
+    def zero_column(self) -> int:
+        return self.centred.shape[2] - 1
 
     def keep_only(self, selection: torch.Tensor) -> None:
+        """Drop images: keep working rows ``selection`` [b'] int64."""
         for name in self._STATE:
             setattr(self, name, getattr(self, name)[selection])
 
+    def drop_covered_columns(self) -> None:
+        """Shrink the stored columns to the largest free count of the working images."""
+        width = int(self.free_count.max())
+        if width == 0 or width > self.zero_column // 2:
+            return
+        order = torch.sort(self.free.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :width]
+        order = F.pad(order, (0, 1), value=self.zero_column)
+        self.centred = self.centred.gather(2, order[:, None, :].expand(-1, self.centred.shape[1], -1))
+        self.inverse_norm = self.inverse_norm.gather(1, order)
+        self.position = self.position.gather(1, order)
+        self.free = self.free.gather(1, order)
+
     def cosine_to(self, direction: torch.Tensor) -> torch.Tensor:
-        """<direction, n> at every position: direction [b, C] -> [b, P], 0 at covered positions."""
-        dots = (direction.unsqueeze(1) @ self.features).squeeze(1) * self.inverse_norm
+        """<direction, n> per stored column: direction [b, C] -> [b, Q+1], 0 at covered columns."""
+        offset = (direction * self.mean).sum(dim=1, keepdim=True)
+        dots = ((direction.unsqueeze(1) @ self.centred).squeeze(1) + offset) * self.inverse_norm
         return dots.masked_fill(~self.free, 0.0)
 
-    def unit_feature(self, position: torch.Tensor) -> torch.Tensor:
-        """n at one position per image: position [b] -> [b, C]."""
-        column = self.features.gather(2, position[:, None, None].expand(-1, self.features.shape[1], 1))
-        return column.squeeze(2) * self.inverse_norm.gather(1, position[:, None])
+    def unit_feature(self, column: torch.Tensor) -> torch.Tensor:
+        """n at one stored column per image: column [b] -> [b, C]."""
+        picked = self.centred.gather(2, column[:, None, None].expand(-1, self.centred.shape[1], 1)).squeeze(2)
+        return (picked + self.mean) * self.inverse_norm.gather(1, column[:, None])
 
-    def cover(self, keep: torch.Tensor) -> torch.Tensor:
-        """Mark ``keep`` [b, P] positions covered; down-date Gram and sum. Returns count per image."""
+    def record(self, keep: torch.Tensor, values: torch.Tensor) -> None:
+        """Store proposal ``counts`` with soft ``values`` [b, Q] at the ``keep`` [b, Q] columns."""
+        image, column = keep.nonzero(as_tuple=True)
+        position = self.position[image, column]
+        self.mask_id[image, position] = self.counts[image]
+        self.mask_value[image, position] = values[image, column]
+
+    def cover(self, keep: torch.Tensor) -> None:
+        """Mark ``keep`` [b, Q] columns covered; down-date the Gram matrix and the free sum.
+
+        The newly covered columns are gathered into a zero-padded [b, C, widest] block, so the
+        down-date is one batched rank-``widest`` update (padding columns contribute nothing).
+        """
         newly = keep.sum(dim=1)
         widest = int(newly.max())
         if widest > 0:
             order = torch.sort(keep.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :widest]
             valid = torch.arange(widest, device=keep.device)[None, :] < newly[:, None]
-            columns = self.features.gather(2, order[:, None, :].expand(-1, self.features.shape[1], -1))
-            columns = (columns - self.mean.unsqueeze(2)) * valid[:, None, :]
-            self.gram = torch.baddbmm(self.gram, columns, columns.transpose(1, 2), alpha=-1.0)
+            order = torch.where(valid, order, self.zero_column)
+            columns = self.centred.gather(2, order[:, None, :].expand(-1, self.centred.shape[1], -1))
+            self.gram.baddbmm_(columns, columns.transpose(1, 2), alpha=-1.0)
             self.free_sum = self.free_sum - columns.sum(dim=2)
         self.free = self.free & ~keep
         self.free_count = self.free_count - newly
-        return newly
 
 
 def _proposal_round(state: _WorkingSet, threshold: float, coverage: float, max_masks: int) -> None:
     """One PriMaPs round for every running image of the working set (updates ``state`` in place)."""
-    positions = state.free.shape[1]
     direction, state.basis = _top_direction(
         state.gram, state.free_sum, state.free_count.to(torch.float32), state.basis, state.running,
         state.total_variance,
@@ -223,12 +253,10 @@ def _proposal_round(state: _WorkingSet, threshold: float, coverage: float, max_m
     keep = state.free & productive[:, None] & (similarity > 0) & (similarity >= threshold * peak[:, None])
 
     state.counts = state.counts + productive.to(torch.int64)
-    state.mask_id = torch.where(keep, state.counts[:, None], state.mask_id)
-    normalised = similarity / torch.where(productive, peak, 1.0)[:, None]
-    state.mask_value = torch.where(keep, normalised, state.mask_value)
+    state.record(keep, similarity / torch.where(productive, peak, 1.0)[:, None])
     state.cover(keep)
     # Same float32 comparison as the reference's `(covered / numel) < 0.95` loop condition.
-    covered_fraction = (positions - state.free_count).to(torch.float32) / positions
+    covered_fraction = (state.positions - state.free_count).to(torch.float32) / state.positions
     state.running = productive & (covered_fraction < coverage) & (state.counts < max_masks)
 
 
@@ -276,6 +304,7 @@ def principal_masks(
         if running <= 0.75 * state.rows.numel():
             store(state)
             state.keep_only(state.running.nonzero().squeeze(1))
+        state.drop_covered_columns()
         _proposal_round(state, float(threshold), float(coverage), int(max_masks))
     store(state)
 

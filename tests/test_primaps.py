@@ -225,9 +225,10 @@ def test_single_channel_splits_by_sign():
     masks, counts = principal_masks(values[None, None], coverage=1.0)
     assert counts.item() == 2
     positive = (values > 0).float()
-    assert {tuple(m.flatten().tolist()) for m in masks[0]} == {
+    assert {tuple((m > 0).float().flatten().tolist()) for m in masks[0]} == {
         tuple(positive.flatten().tolist()), tuple((1 - positive).flatten().tolist())
     }
+    torch.testing.assert_close(masks[0].sum(0), torch.ones(2, 3))  # |n| = 1 everywhere for C = 1
 
 
 def test_zero_features_stay_background():
