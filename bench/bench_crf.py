@@ -24,7 +24,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-SAMPLE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field", "retina", "cat")
+SAMPLE_PHOTOS = (
+    "astronaut", "chelsea", "coffee", "rocket", "immunohistochemistry", "hubble_deep_field", "retina", "cat",
+)
 
 
 def sample_photo(name: str, size: int) -> torch.Tensor:
@@ -131,9 +133,10 @@ def peak_memory_mib(batch: int, size: int, labels: int, device: str) -> float:
 
     CPU: growth of the peak resident set (VmHWM, reset just before the call); CUDA: max allocated.
     """
+    here = os.path.dirname(os.path.abspath(__file__))
     code = (
-        "import sys, torch; sys.path.insert(0, %r); import bench_crf as b; "
-        "print(b._peak_memory_child(%d, %d, %d, %r))" % (os.path.dirname(os.path.abspath(__file__)), batch, size, labels, device)
+        f"import sys; sys.path.insert(0, {here!r}); import bench_crf as b; "
+        f"print(b._peak_memory_child({batch}, {size}, {labels}, {device!r}))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
@@ -222,9 +225,11 @@ def main(argv: list[str] | None = None) -> int:
             f"throughput x{ref_wall / wall:.1f} of pydensecrf"
         )
     if not args.no_memory:
-        print(f"peak extra memory of one torch CPU call: {peak_memory_mib(args.batch, args.size, args.labels, 'cpu'):.0f} MiB")
+        cpu_peak = peak_memory_mib(args.batch, args.size, args.labels, "cpu")
+        print(f"peak extra memory of one torch CPU call: {cpu_peak:.0f} MiB")
         if torch.cuda.is_available():
-            print(f"peak extra GPU memory of one call: {peak_memory_mib(args.batch, args.size, args.labels, 'cuda'):.0f} MiB")
+            gpu_peak = peak_memory_mib(args.batch, args.size, args.labels, "cuda")
+            print(f"peak extra GPU memory of one call: {gpu_peak:.0f} MiB")
     return 0
 
 

@@ -134,7 +134,8 @@ class PermutohedralLattice:
         # Corner r: key_i = rem0_i + r - (d+1) [rank_i > d - r]  (pydensecrf's canonical simplex), so
         # code_r = code_0 + r * sum(strides) - (d+1) * (sum of the strides of the r highest ranks).
         stride_of_rank = torch.zeros(classes, num_points, dtype=torch.int64, device=device)
-        stride_of_rank.scatter_(0, rank, torch.tensor(strides + [0], device=device)[:, None].expand(classes, num_points))
+        rank_strides = torch.tensor(strides + [0], device=device)[:, None].expand(classes, num_points)
+        stride_of_rank.scatter_(0, rank, rank_strides)
         wraps = torch.zeros(num_points, dtype=torch.int64, device=device)
 
         # Corners of remainder r all have coordinates = r mod (d+1): the d+1 classes are disjoint and are
@@ -239,7 +240,8 @@ def _enclosing_simplex(features: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     device = features.device
     feats = features.T.contiguous()  # [d, N]; free when features is a transposed [d, N] tensor
     inv_std_dev = float(torch.tensor(math.sqrt(2.0 / 3.0) * (dim + 1), dtype=torch.float32))
-    scale = [float(torch.tensor(1.0 / math.sqrt((i + 2) * (i + 1)) * inv_std_dev, dtype=torch.float32)) for i in range(dim)]
+    scale = [1.0 / math.sqrt((i + 2) * (i + 1)) * inv_std_dev for i in range(dim)]  # double, then float32
+    scale = [float(torch.tensor(value, dtype=torch.float32)) for value in scale]
     elevated = torch.empty(dim + 1, num_points, dtype=torch.float32, device=device)
     partial_sum = torch.zeros(num_points, dtype=torch.float32, device=device)
     for j in range(dim, 0, -1):
@@ -309,12 +311,14 @@ class LatticeOperator:
         slice_crow = torch.arange(0, num_points * (dim + 1) + 1, dim + 1, device=device)
         self._blur = [self._blur_matrix(lattice.neighbours[j]) for j in range(dim + 1)]
         splat = _csr(lattice.splat_crow, lattice.splat_points, lattice.splat_weights, (num_vertices, num_points))
-        slice_ = _csr(slice_crow, lattice.point_vertices.reshape(-1), lattice.point_weights.reshape(-1), splat.shape[::-1])
+        slice_weights = lattice.point_weights.reshape(-1)
+        slice_ = _csr(slice_crow, lattice.point_vertices.reshape(-1), slice_weights, (num_points, num_vertices))
         self._splat, self._slice = splat, slice_
         degree = self(torch.ones(num_points, 1, dtype=torch.float32, device=device))[:, 0] * lattice.alpha
         norm = torch.rsqrt(degree + 1e-20)  # [N]
         self._splat = _with_values(splat, lattice.splat_weights * norm[lattice.splat_points])
-        self._slice = _with_values(slice_, (lattice.point_weights * (norm * (lattice.alpha * weight))[:, None]).reshape(-1))
+        slice_scale = (norm * (lattice.alpha * weight))[:, None]
+        self._slice = _with_values(slice_, (lattice.point_weights * slice_scale).reshape(-1))
 
     @staticmethod
     def _blur_matrix(neighbours: Tensor) -> Tensor:
