@@ -25,6 +25,18 @@ from primaps_dist.errors import ConfigError, UserError
 IGNORE_INDEX = 255
 
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def resolve_shipped_path(path: str) -> str:
+    """A relative path that does not exist in the working directory may name a file shipped in the
+    repository (e.g. ``configs/deepspeed/zero0.json``); return the first one that exists, else ``path``."""
+    if not path or os.path.isabs(path) or os.path.exists(path):
+        return path
+    shipped = REPO_ROOT / path
+    return str(shipped) if shipped.exists() else path
+
+
 def _require(condition: bool, key: str, problem: str) -> None:
     if not condition:
         raise ConfigError(key, problem)
@@ -173,6 +185,7 @@ class EMConfig:
         _require(self.ema_every >= 1, f"{prefix}.ema_every", f"must be >= 1, got {self.ema_every}")
         _require(0.0 < self.ema_max < 1.0, f"{prefix}.ema_max", f"must be in (0, 1), got {self.ema_max}")
         if self.mode == "gradient" and self.engine == "deepspeed":
+            self.deepspeed_config = resolve_shipped_path(self.deepspeed_config)
             _require(
                 os.path.isfile(self.deepspeed_config),
                 f"{prefix}.deepspeed_config",

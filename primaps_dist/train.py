@@ -226,8 +226,8 @@ class Trainer:
             self.engine.load_state_dict(payload["gradient_state"], checkpoint_dir=Path(latest))
         log.info("resumed from %s at step %d", latest, self.step)
 
-    def save(self) -> Path | None:
-        """Every rank calls this (collects loader states); rank 0 writes atomically."""
+    def save(self) -> Path:
+        """Every rank calls this (collects loader states); rank 0 writes the payload atomically."""
         loader_states = dist.all_gather_object(self.loader_state)
         generators = dist.all_gather_object(self.student_generator.get_state())
         payload: dict[str, Any] = {
@@ -244,18 +244,16 @@ class Trainer:
             "skipped_total": self.skipped_total,
             "world_size": self.env.world_size,
         }
-        extra_writer = None
+        sharded_writer = None
         if self.engine is not None:
-            payload["gradient_state"], extra_writer = self.engine.checkpoint_parts()
-        path = None
+            payload["gradient_state"], sharded_writer = self.engine.checkpoint_parts()
+        # Collective: every rank reaches every collective, and a failure anywhere raises everywhere.
+        path = ckpt.save_checkpoint_distributed(
+            self.ckpt_dir, self.step, payload if self.master else None,
+            keep=self.cfg.checkpoint.keep, all_ranks_writer=sharded_writer,
+        )
         if self.master:
-            path = ckpt.save_checkpoint(
-                self.ckpt_dir, self.step, payload, keep=self.cfg.checkpoint.keep, extra_writer=extra_writer
-            )
             log.info("saved checkpoint %s", path)
-        elif extra_writer is not None and getattr(extra_writer, "all_ranks", False):
-            extra_writer(None)
-        dist.barrier()
         return path
 
     # -- stages ------------------------------------------------------------------------------------------
@@ -417,6 +415,9 @@ class Trainer:
                     }
                     tracker.log_metrics({"stage": float(["pca", "kmeans", "em"].index(stage)), **metrics}, self.step)
                     progress.set_postfix(stage=stage, img_s=f"{rate:.1f}")
+                    if self.master:
+                        split = " ".join(f"{name}={1000 * seconds / window_steps:.0f}ms" for name, seconds in times.items())
+                        log.info("step %d/%d %s %.1f img/s | %s", self.step, self.stages.total, stage, rate, split)
                     window_steps, window_images, window_start = 0, 0, time.perf_counter()
                     if stop_now:
                         self.save()
