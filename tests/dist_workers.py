@@ -3,7 +3,7 @@
 Each rank writes ``OUTDIR/{stats,ddp,deepspeed,timeout}_rank{R}.pt`` (torch.save of plain tensors and
 lists) for the test to compare.
 Scenarios: ``stats`` (PCA, K-means, stats EM), ``ddp`` and ``deepspeed`` (gradient mode), ``core``
-(stats + ddp in one launch, to pay the start-up cost once), ``timeout``
+(stats + ddp in one launch, to pay the start-up cost once), ``srun`` (launched by srun, not torchrun), ``timeout``
 (rank 1 hangs; rank 0 must fail with a one-line CollectiveTimeout message, exit status 2).
 """
 
@@ -88,9 +88,23 @@ def run_timeout(rank: int, outdir: Path) -> None:
         torch.save({"elapsed": time.monotonic() - started}, outdir / f"timeout_rank{rank}.pt")
 
 
+def run_srun(env, outdir: Path) -> None:
+    """Launched by ``srun`` directly (one task per process, no torchrun): detection + one all-reduce."""
+    total = distributed.all_reduce_sum(torch.tensor([env.rank + 1.0]))
+    record = {
+        "launcher": env.launcher,
+        "rank": env.rank,
+        "world_size": env.world_size,
+        "master": f"{env.master_addr}:{env.master_port}",
+        "backend": env.backend,
+        "sum": float(total),
+    }
+    torch.save(record, outdir / f"srun_rank{env.rank}.pt")
+
+
 def main(argv) -> int:
     scenario, outdir = argv[0], Path(argv[1])
-    if scenario not in ("stats", "ddp", "core", "deepspeed", "timeout"):
+    if scenario not in ("stats", "ddp", "core", "deepspeed", "timeout", "srun"):
         raise SystemExit(f"unknown scenario {scenario}")
     torch.set_num_threads(1)
     timeout_s = 3.0 if scenario == "timeout" else 60.0
@@ -103,6 +117,8 @@ def main(argv) -> int:
         run_gradient("deepspeed", env, outdir)
     if scenario == "timeout":
         run_timeout(env.rank, outdir)
+    if scenario == "srun":
+        run_srun(env, outdir)
     distributed.shutdown()
     return 0
 

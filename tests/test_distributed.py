@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import sys
 import time
 
 import pytest
@@ -20,6 +21,7 @@ from primaps_dist.distributed import (
     guard_collective,
 )
 from primaps_dist.errors import UserError
+from slurm_cluster import slurm_cluster  # noqa: F401  (session fixture: a real single-node SLURM)
 
 TORCHRUN = {
     "RANK": "3",
@@ -184,3 +186,25 @@ def test_hung_peer_ends_with_clear_error_not_a_hang():
     elapsed = torch.load(outdir / "timeout_rank0.pt", weights_only=True)["elapsed"]
     assert 2.5 <= elapsed <= 10.0, elapsed
     assert wall < 90.0
+
+
+@pytest.mark.slow
+def test_srun_without_torchrun_forms_a_process_group(slurm_cluster, tmp_path):  # noqa: F811
+    """``sbatch --ntasks=2`` + ``srun python ...``: ranks, world and master come from the SLURM step."""
+    script = tmp_path / "job.sh"
+    script.write_text(
+        "#!/bin/bash\n"
+        f"srun --ntasks=2 --cpus-per-task=1 {sys.executable} {utils.WORKERS} srun {tmp_path}\n"
+    )
+    log_path = tmp_path / "job.out"
+    env = {k: v for k, v in utils.clean_env().items() if k in ("PYTHONPATH", "OMP_NUM_THREADS")}
+    job = slurm_cluster.sbatch(["--ntasks=2", "--cpus-per-task=1", f"--output={log_path}", str(script)],
+                               cwd=tmp_path, extra_env=env)
+    info = slurm_cluster.wait(job, 180)
+    log = log_path.read_text(errors="replace") if log_path.exists() else ""
+    assert info.get("JobState") == "COMPLETED", f"{info}\n{log[-3000:]}"
+    records = [torch.load(tmp_path / f"srun_rank{rank}.pt", weights_only=True) for rank in range(2)]
+    for rank, record in enumerate(records):
+        assert (record["launcher"], record["rank"], record["world_size"], record["backend"]) == ("slurm", rank, 2, "gloo")
+        assert record["sum"] == 3.0
+        assert record["master"] == f"localhost:{12000 + job % 20000}"
