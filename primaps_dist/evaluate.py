@@ -212,7 +212,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = evaluate_prototypes(cfg, env, backbone, prototypes, device, num_overlays=cfg.tracking.num_overlays,
                                      shards=args.shards)
         if env.rank == 0:
-            checkpoint_path = ckpt.resolve_checkpoint_path(args.checkpoint)
+            checkpoint_path = ckpt.resolve_checkpoint(args.checkpoint)
             out = Path(args.out) if args.out else checkpoint_path.parent / "eval" / "metrics.json"
             write_reports(result, out.parent, cfg, metrics_path=out)
             print(format_table(result.scores, class_names(cfg)))
