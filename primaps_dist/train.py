@@ -199,6 +199,7 @@ class Trainer:
         self.step = 0
         self.loader_state: Any = None
         self.skipped_total = 0
+        self.baseline_prototypes: torch.Tensor | None = None  # K-means result, kept to report the baseline
         self.mlflow_run_id: str | None = None
 
     # -- checkpoints -------------------------------------------------------------------------------------
@@ -215,6 +216,8 @@ class Trainer:
         self.state.load_state_dict(payload["em_state"])
         self.mlflow_run_id = payload.get("mlflow_run_id") or None
         self.skipped_total = int(payload.get("skipped_total", 0))
+        if "kmeans_prototypes" in payload:
+            self.baseline_prototypes = payload["kmeans_prototypes"]
         loader_states = payload.get("loader_states")
         if loader_states is not None and len(loader_states) == self.env.world_size:
             self.loader_state = loader_states[self.env.rank]
@@ -242,6 +245,7 @@ class Trainer:
             "loader_states": loader_states,
             "student_generators": generators,
             "skipped_total": self.skipped_total,
+            **({"kmeans_prototypes": self.baseline_prototypes} if self.baseline_prototypes is not None else {}),
             "world_size": self.env.world_size,
         }
         sharded_writer = None
@@ -277,6 +281,8 @@ class Trainer:
         packed = batch_stats(pixels, labels, self.K)
         dist.all_reduce_sum(packed)
         summary = self.state.update(packed, self.cfg.em.momentum)
+        if self.step == self.stages.kmeans_end - 1:
+            self.baseline_prototypes = self.state.prototypes.detach().cpu().clone()
         return {"kmeans/objective": summary.objective, "class_usage_entropy": class_usage_entropy(summary.counts)}
 
     def em_step(self, images: torch.Tensor, features: torch.Tensor, timer: StepTimer) -> dict[str, float]:
@@ -321,13 +327,22 @@ class Trainer:
             self.cfg, self.env, self.backbone, self.state.prototypes, self.device,
             num_overlays=self.cfg.tracking.num_overlays,
         )
+        baseline = None
+        if self.baseline_prototypes is not None and self.cfg.train.em_steps > 0:
+            baseline = evaluate_prototypes(self.cfg, self.env, self.backbone, self.baseline_prototypes, self.device)
         if not self.master:
             return
-        report_dir = self.out_dir / "eval"
-        paths = write_reports(result, report_dir, self.cfg)
-        tracker.log_metrics({"eval/accuracy": result.scores["accuracy"], "eval/miou": result.scores["miou"]}, self.step)
+        paths = write_reports(result, self.out_dir / "eval", self.cfg)
+        scores = {"eval/accuracy": result.scores["accuracy"], "eval/miou": result.scores["miou"]}
+        if baseline is not None:
+            paths.append(write_reports(baseline, self.out_dir / "eval_kmeans_baseline", self.cfg)[0])
+            scores.update({"eval/baseline_accuracy": baseline.scores["accuracy"],
+                           "eval/baseline_miou": baseline.scores["miou"]})
+            log.info("K-means baseline: accuracy %.2f %%, mIoU %.2f %%",
+                     baseline.scores["accuracy"], baseline.scores["miou"])
+        tracker.log_metrics(scores, self.step)
         for path in paths:
-            tracker.log_artifact(path, "eval")
+            tracker.log_artifact(path, path.parent.name)
         latest = ckpt.find_latest(self.ckpt_dir)
         if latest is not None:
             tracker.log_artifact(latest / "checkpoint.pt", "checkpoint")
