@@ -437,6 +437,25 @@ def load_deepspeed_config(path: str | os.PathLike, lr: float, device: torch.devi
     return config
 
 
+def _skip_deepspeed_shm_op() -> None:
+    """Keep DeepSpeed's CPU backend from JIT-compiling its shared-memory all-reduce op.
+
+    That op only speeds up CPU (inference) all-reduces; gloo is plenty for a [K, C] head. Compiling it
+    needs a C++ toolchain, takes minutes on a fresh machine, and concurrent jobs sharing
+    ~/.cache/torch_extensions were seen rebuilding it for every launch. DeepSpeed looks the op up in its
+    cached ``deepspeed.ops.__compatible_ops__`` table before building; marking it incompatible there
+    makes DeepSpeed fall back to torch.distributed. A no-op if the table's layout changes.
+    """
+    try:
+        import deepspeed.ops as ds_ops
+
+        table = ds_ops.__compatible_ops__
+    except Exception:  # noqa: BLE001 - any failure just leaves DeepSpeed's default behaviour
+        return
+    if isinstance(table, dict):
+        table["deepspeed_shm_comm"] = False
+
+
 class DeepSpeedEngine:
     """``deepspeed.initialize(model=head, config=...)``; DeepSpeed all-reduces the head's gradients.
 
@@ -453,6 +472,8 @@ class DeepSpeedEngine:
             import deepspeed
         except ImportError:
             raise UserError("em.engine=deepspeed but DeepSpeed is not installed (pip install deepspeed)") from None
+        if env.device.type != "cuda":
+            _skip_deepspeed_shm_op()
         if not torch.distributed.is_initialized():
             # Single process: DeepSpeed wants a process group; give it a private one-rank group.
             os.environ.setdefault("RANK", "0")
