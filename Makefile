@@ -17,8 +17,6 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
 	$(PY) -m pip install --quiet -e '.[dev,crf,deepspeed]'
-	# DeepSpeed JIT-compiles its CPU shared-memory collective op on first use; build it once here.
-	$(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
 	touch $@
 
 demo-data: install

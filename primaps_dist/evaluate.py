@@ -122,7 +122,7 @@ def evaluate_prototypes(
 def _map_clusters(prediction: np.ndarray, assignment: np.ndarray) -> np.ndarray:
     """Cluster ids -> matched class ids (unmatched clusters -> 255)."""
     lookup = np.full(max(len(assignment), int(prediction.max()) + 1), 255, dtype=np.int64)
-    lookup[: len(assignment)] = assignment
+    lookup[: len(assignment)] = np.where(assignment >= 0, assignment, 255)
     return lookup[prediction]
 
 
@@ -185,7 +185,7 @@ def format_table(scores: dict[str, Any], names: Sequence[str]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from primaps_dist.backbones import build_backbone
-    from primaps_dist.train import resolve_device, setup_logging
+    from primaps_dist.train import setup_logging
 
     parser = argparse.ArgumentParser(prog="primaps_dist.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="YAML config (default: the config stored in the checkpoint)")
@@ -205,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = dist.init_distributed(cfg.dist, cfg.train.device)
     setup_logging(env.rank)
     try:
-        device = resolve_device(cfg.train.device, env)
+        device = env.device
         backbone = build_backbone(cfg.backbone, device)
         ckpt.check_compatible(payload, cfg, channels=backbone.out_channels)
         prototypes = payload["prototypes"].to(device)

@@ -78,14 +78,6 @@ class StopFlag:
         self.requested = True
 
 
-def resolve_device(preference: str, env: dist.DistEnv) -> torch.device:
-    if preference == "cpu" or (preference == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise UserError("config key 'train.device': cuda requested but no GPU is available")
-    return torch.device("cuda", env.local_rank)
-
-
 def normalized_pixels(features: torch.Tensor) -> torch.Tensor:
     """``[B, C, h, w]`` -> ``[B*h*w, C]`` unit vectors (float32)."""
     return F.normalize(features.float().permute(0, 2, 3, 1).reshape(-1, features.shape[1]), dim=1)
@@ -169,7 +161,7 @@ class Trainer:
         self.cfg = cfg
         self.env = env
         self.master = env.rank == 0
-        self.device = resolve_device(cfg.train.device, env)
+        self.device = env.device  # chosen by init_distributed (handles one visible GPU per task)
         self.out_dir = Path(cfg.train.output_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
         self.stages = Stages.from_config(cfg)
