@@ -12,6 +12,7 @@ given is the one reported: evaluation never selects checkpoints.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -84,10 +85,9 @@ def evaluate_prototypes(
     if cfg.eval.crf:
         from primaps_dist.crf import make_crf
 
-        backend = cfg.crf.backend if cfg.crf.backend != "none" else "torch"
-        crf_fn = make_crf(backend, iterations=cfg.crf.iterations, gaussian_sxy=cfg.crf.gaussian_sxy,
-                          gaussian_weight=cfg.crf.gaussian_weight, bilateral_sxy=cfg.crf.bilateral_sxy,
-                          bilateral_srgb=cfg.crf.bilateral_srgb, bilateral_weight=cfg.crf.bilateral_weight)
+        crf = dataclasses.asdict(cfg.crf)
+        crf["backend"] = cfg.crf.backend if cfg.crf.backend != "none" else "torch"  # eval.crf asks for a CRF
+        crf_fn = make_crf(**crf)
     K = cfg.data.num_classes
     confusion = torch.zeros(K, K, dtype=torch.int64)
     overlays: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []

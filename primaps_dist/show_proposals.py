@@ -7,6 +7,7 @@ parameters and CRF. Images are resized (short side = ``data.crop_size``) and cen
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from primaps_dist.config import load_config
-from primaps_dist.errors import run_cli
+from primaps_dist.errors import UserError, run_cli
 from primaps_dist.image_io import center_crop, find_images, read_rgb, resize_short_side, to_tensor
 
 
@@ -38,10 +39,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = load_config(args.config, args.overrides)
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu")
     backbone = build_backbone(cfg.backbone, device)
-    crf_fn = None if cfg.crf.backend == "none" else make_crf(
-        cfg.crf.backend, iterations=cfg.crf.iterations, gaussian_sxy=cfg.crf.gaussian_sxy,
-        gaussian_weight=cfg.crf.gaussian_weight, bilateral_sxy=cfg.crf.bilateral_sxy,
-        bilateral_srgb=cfg.crf.bilateral_srgb, bilateral_weight=cfg.crf.bilateral_weight)
+    crf_fn = None if cfg.crf.backend == "none" else make_crf(**dataclasses.asdict(cfg.crf))
     out_dir = Path(args.out)
     ensure_writable_dir(out_dir, "--out")
     count = 0
@@ -62,7 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             visualize.draw_proposals(picture, mask_ids, target)
             print(f"{path}: {int(mask_ids.max())} proposals -> {target}")
             count += 1
-    return 0 if count else 2
+    if count == 0:
+        raise UserError(f"show-proposals: no images found in {', '.join(args.images)}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ head/optimizer state, each rank's data-stream position and RNG states, and the M
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import logging
 import math
@@ -175,15 +176,7 @@ class Trainer:
                 f"config key 'data.crop_size': {cfg.data.crop_size} is not a multiple of the backbone stride "
                 f"{self.backbone.stride} ({cfg.backbone.name})"
             )
-        self.crf_fn = None if cfg.crf.backend == "none" else make_crf(
-            cfg.crf.backend,
-            iterations=cfg.crf.iterations,
-            gaussian_sxy=cfg.crf.gaussian_sxy,
-            gaussian_weight=cfg.crf.gaussian_weight,
-            bilateral_sxy=cfg.crf.bilateral_sxy,
-            bilateral_srgb=cfg.crf.bilateral_srgb,
-            bilateral_weight=cfg.crf.bilateral_weight,
-        )
+        self.crf_fn = None if cfg.crf.backend == "none" else make_crf(**dataclasses.asdict(cfg.crf))
         self.covariance = CovarianceAccumulator(self.C)
         self.state = PrototypeState(self.K, self.C)
         self.engine: em_gradient.GradientEngine | None = None
