@@ -50,6 +50,8 @@ _MAX_SOLVER_ITERS = 60
 # as zero (e.g. constant features): its direction is arbitrary and needs no convergence.
 _DEGENERATE_EIGENVALUE = 1e-6
 _BASIS_SEED = 0x5EED
+# Finished images leave the working batch once the running fraction drops to this.
+_COMPACT_FRACTION = 0.9
 
 
 def _validate(features: torch.Tensor, threshold: float, coverage: float, max_masks: int) -> None:
@@ -67,6 +69,18 @@ def _validate(features: torch.Tensor, threshold: float, coverage: float, max_mas
         raise ValueError(f"coverage must be in (0, 1], got {coverage}")
     if isinstance(max_masks, bool) or int(max_masks) != max_masks or max_masks < 1:
         raise ValueError(f"max_masks must be a positive integer, got {max_masks}")
+
+
+def _gram(columns: torch.Tensor) -> torch.Tensor:
+    """``columns @ columns^T`` ([b, C, n] -> [b, C, C]) computing only 3/4 of the blocks (symmetry)."""
+    half = columns.shape[1] // 2
+    if half < 32:
+        return columns @ columns.transpose(1, 2)
+    gram = torch.empty(columns.shape[0], columns.shape[1], columns.shape[1], device=columns.device)
+    gram[:, :half] = columns[:, :half] @ columns.transpose(1, 2)
+    gram[:, half:, half:] = columns[:, half:] @ columns[:, half:].transpose(1, 2)
+    gram[:, half:, :half] = gram[:, :half, half:].transpose(1, 2)
+    return gram
 
 
 def _start_basis(centred: torch.Tensor, block: int) -> torch.Tensor:
@@ -87,27 +101,33 @@ def _top_direction(
     free_sum: torch.Tensor,
     free_count: torch.Tensor,
     basis: torch.Tensor,
+    gram_basis: torch.Tensor | None,
     active: torch.Tensor,
     total_variance: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top eigenvector of ``A = gram - free_sum free_sum^T / free_count`` per image.
 
     Block subspace iteration with Rayleigh-Ritz; vectors are stored as rows ([b, k, C] @ [b, C, C]
     streams the Gram matrix faster than [b, C, C] @ [b, C, k]). Images stop iterating once their
-    relative residual ``||A v - theta v|| / theta`` is below ``_RESIDUAL_TOL`` (their result then no
-    longer depends on the rest of the batch).
+    relative residual ``||A v - theta v|| / theta`` is below ``_RESIDUAL_TOL``; they keep their rows
+    from then on, so their result does not depend on the rest of the batch.
 
     gram [b, C, C] symmetric, free_sum [b, C], free_count [b] float, basis [b, k, C] orthonormal rows
-    (warm start), active [b] bool (inactive images only pass through), total_variance [b].
-    Returns (direction [b, C] unit norm, Ritz basis [b, k, C] by decreasing Ritz value).
+    (warm start), gram_basis [b, k, C] = basis @ gram if already known (saves one pass over gram),
+    active [b] bool (inactive images only pass through), total_variance [b].
+    Returns (direction [b, C] unit norm, Ritz basis [b, k, C] by decreasing Ritz value,
+    Ritz basis @ gram [b, k, C]).
     """
     inverse_count = (1.0 / free_count.clamp(min=1.0))[:, None, None]
     sums = free_sum.unsqueeze(1)  # [b, 1, C]
     converged = ~active
     rows = basis
+    gram_rows = basis @ gram if gram_basis is None else gram_basis
     floor = _DEGENERATE_EIGENVALUE * total_variance
     for iteration in range(_MAX_SOLVER_ITERS):
-        applied = torch.baddbmm(rows @ gram, (rows @ sums.transpose(1, 2)) * inverse_count, sums, alpha=-1.0)
+        if iteration > 0:
+            gram_rows = rows @ gram
+        applied = torch.baddbmm(gram_rows, (rows @ sums.transpose(1, 2)) * inverse_count, sums, alpha=-1.0)
         projected = rows @ applied.transpose(1, 2)
         projected = 0.5 * (projected + projected.transpose(1, 2))
         values, rotation = torch.linalg.eigh(projected)
@@ -121,9 +141,10 @@ def _top_direction(
             break
         # Converged images keep their rows, so every later iteration reproduces their Ritz vectors
         # exactly and the final `ritz` is theirs at convergence time.
-        stepped = torch.linalg.qr(applied_ritz.transpose(1, 2)).Q.transpose(1, 2)
+        shift = 0.5 * values[:, 0]  # smallest Ritz value: damps the unwanted spectrum [0, theta_k]
+        stepped = torch.linalg.qr((applied_ritz - shift[:, None, None] * ritz).transpose(1, 2)).Q.transpose(1, 2)
         rows = torch.where(converged[:, None, None], rows, stepped) if bool(converged.any()) else stepped
-    return F.normalize(ritz[:, 0], dim=1), ritz
+    return F.normalize(ritz[:, 0], dim=1), ritz, rotation @ gram_rows
 
 
 def _first_index_of_max(values: torch.Tensor) -> torch.Tensor:
@@ -133,19 +154,27 @@ def _first_index_of_max(values: torch.Tensor) -> torch.Tensor:
     return torch.where(values == peak, positions, values.shape[1]).amin(dim=1)
 
 
+def _take_rows(points: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``points[i, index[i]]`` for every image: points [b, Q, C], index [b, w] -> [b, w, C]."""
+    batch, stored, channels = points.shape
+    flat = index + stored * torch.arange(batch, device=index.device)[:, None]
+    return points.reshape(batch * stored, channels).index_select(0, flat.reshape(-1)).reshape(batch, -1, channels)
+
+
 class _WorkingSet:
     """State of the proposal loop for the images still in the working batch.
 
-    Features are stored centred (``f - mean``, so down-dates need no subtraction) as columns
-    [b, C, Q + 1]; the last column is all zeros and never free, so padded gathers can point at it.
-    Only columns that may still be free are kept: once the largest free count of the working images
-    drops to half the stored width, the free columns are gathered to the front (stable, so row-major
-    order and hence first-on-ties decisions are kept) and the rest dropped.
+    Features are stored centred (``f - mean``, so down-dates need no subtraction) and position-major
+    as ``points`` [b, Q + 1, C] (gathering positions copies contiguous rows); the last row is all
+    zeros and never free, so padded gathers can point at it. Only rows that may still be free are
+    kept: once the largest free count of the working images drops to half the stored width, the free
+    rows are gathered to the front (stable, so row-major order and hence first-on-ties decisions are
+    kept) and the rest dropped.
     """
 
     _STATE = (
-        "rows", "centred", "inverse_norm", "position", "mean", "gram", "free_sum", "total_variance",
-        "free", "free_count", "basis", "running", "counts", "mask_id", "mask_value",
+        "rows", "points", "inverse_norm", "position", "mean", "gram", "free_sum", "total_variance",
+        "free", "free_count", "basis", "gram_basis", "running", "counts", "mask_id", "mask_value",
     )
 
     def __init__(self, features: torch.Tensor, block: int):
@@ -160,13 +189,14 @@ class _WorkingSet:
         self.rows = torch.arange(batch, device=device)  # full-batch index of each working image
         self.mean = flat.mean(dim=2)  # [b, C]
         # Centring first also keeps the float32 Gram matrix from losing digits to a large mean.
-        self.centred = torch.zeros(batch, channels, positions + 1, device=device)
-        centred = self.centred[:, :, :positions]
-        torch.sub(flat, self.mean.unsqueeze(2), out=centred)
-        self.gram = centred @ centred.transpose(1, 2)  # [b, C, C]
-        self.free_sum = centred.sum(dim=2)  # [b, C]
+        self.points = torch.zeros(batch, positions + 1, channels, device=device)
+        centred = self.points[:, :positions]
+        torch.sub(flat.transpose(1, 2), self.mean.unsqueeze(1), out=centred)
+        self.gram = _gram(centred.transpose(1, 2))  # [b, C, C]
+        self.free_sum = centred.sum(dim=1)  # [b, C]
         self.total_variance = torch.diagonal(self.gram, dim1=1, dim2=2).sum(dim=1)
-        self.basis = _start_basis(centred, min(block, channels))
+        self.basis = _start_basis(centred.transpose(1, 2), min(block, channels))
+        self.gram_basis: torch.Tensor | None = None  # basis @ gram once known
         self.inverse_norm = F.pad(1.0 / norm.clamp(min=1e-12), (0, 1))  # [b, Q+1], F.normalize's eps
         self.position = F.pad(torch.arange(positions, device=device), (0, 1), value=-1).expand(batch, -1)
         self.free = F.pad(torch.ones(batch, positions, dtype=torch.bool, device=device), (0, 1))
@@ -177,36 +207,39 @@ class _WorkingSet:
         self.mask_value = torch.zeros(batch, positions, dtype=torch.float32, device=device)  # [b, P]
 
     @property
-    def zero_column(self) -> int:
-        return self.centred.shape[2] - 1
+    def zero_row(self) -> int:
+        return self.points.shape[1] - 1
 
     def keep_only(self, selection: torch.Tensor) -> None:
         """Drop images: keep working rows ``selection`` [b'] int64."""
         for name in self._STATE:
-            setattr(self, name, getattr(self, name)[selection])
+            value = getattr(self, name)
+            setattr(self, name, None if value is None else value[selection])
 
-    def drop_covered_columns(self) -> None:
-        """Shrink the stored columns to the largest free count of the working images."""
+    def drop_covered_rows(self) -> None:
+        """Shrink the stored rows to the largest free count of the working images."""
         width = int(self.free_count.max())
-        if width == 0 or width > self.zero_column // 2:
+        if width == 0 or width > self.zero_row // 2:
             return
         order = torch.sort(self.free.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :width]
-        order = F.pad(order, (0, 1), value=self.zero_column)
-        self.centred = self.centred.gather(2, order[:, None, :].expand(-1, self.centred.shape[1], -1))
+        order = F.pad(order, (0, 1), value=self.zero_row)
+        self.points = _take_rows(self.points, order)
         self.inverse_norm = self.inverse_norm.gather(1, order)
         self.position = self.position.gather(1, order)
         self.free = self.free.gather(1, order)
 
     def cosine_to(self, direction: torch.Tensor) -> torch.Tensor:
-        """<direction, n> per stored column: direction [b, C] -> [b, Q+1], 0 at covered columns."""
+        """<direction, n> per stored row: direction [b, C] -> [b, Q+1], 0 at covered rows."""
         offset = (direction * self.mean).sum(dim=1, keepdim=True)
-        dots = ((direction.unsqueeze(1) @ self.centred).squeeze(1) + offset) * self.inverse_norm
+        # A [b, 1, C] row viewed as [b, C, 1] takes MKL's GEMM path, several times faster on CPU
+        # than a contiguous [b, C, 1] column (GEMV).
+        dots = ((self.points @ direction.unsqueeze(1).transpose(1, 2)).squeeze(2) + offset) * self.inverse_norm
         return dots.masked_fill(~self.free, 0.0)
 
-    def unit_feature(self, column: torch.Tensor) -> torch.Tensor:
-        """n at one stored column per image: column [b] -> [b, C]."""
-        picked = self.centred.gather(2, column[:, None, None].expand(-1, self.centred.shape[1], 1)).squeeze(2)
-        return (picked + self.mean) * self.inverse_norm.gather(1, column[:, None])
+    def unit_feature(self, row: torch.Tensor) -> torch.Tensor:
+        """n at one stored row per image: row [b] -> [b, C]."""
+        picked = _take_rows(self.points, row[:, None]).squeeze(1)
+        return (picked + self.mean) * self.inverse_norm.gather(1, row[:, None])
 
     def record(self, keep: torch.Tensor, values: torch.Tensor) -> None:
         """Store proposal ``counts`` with soft ``values`` [b, Q] at the ``keep`` [b, Q] columns."""
@@ -216,29 +249,33 @@ class _WorkingSet:
         self.mask_value[image, position] = values[image, column]
 
     def cover(self, keep: torch.Tensor) -> None:
-        """Mark ``keep`` [b, Q] columns covered; down-date the Gram matrix and the free sum.
+        """Mark ``keep`` [b, Q] rows covered; down-date the Gram matrix and the free sum.
 
-        The newly covered columns are gathered into a zero-padded [b, C, widest] block, so the
-        down-date is one batched rank-``widest`` update (padding columns contribute nothing).
+        The newly covered rows are gathered into a zero-padded [b, widest, C] block, so the
+        down-date is one batched rank-``widest`` update (padding rows contribute nothing).
         """
         newly = keep.sum(dim=1)
         widest = int(newly.max())
         if widest > 0:
             order = torch.sort(keep.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :widest]
             valid = torch.arange(widest, device=keep.device)[None, :] < newly[:, None]
-            order = torch.where(valid, order, self.zero_column)
-            columns = self.centred.gather(2, order[:, None, :].expand(-1, self.centred.shape[1], -1))
-            self.gram.baddbmm_(columns, columns.transpose(1, 2), alpha=-1.0)
-            self.free_sum = self.free_sum - columns.sum(dim=2)
+            covered = _take_rows(self.points, torch.where(valid, order, self.zero_row))  # [b, widest, C]
+            self.gram.baddbmm_(covered.transpose(1, 2), covered, alpha=-1.0)
+            if 4 * widest <= covered.shape[2]:
+                # Cheaper than a pass over G: keep G @ basis current for the next solver start.
+                self.gram_basis.baddbmm_(self.basis @ covered.transpose(1, 2), covered, alpha=-1.0)
+            else:
+                self.gram_basis = None
+            self.free_sum = self.free_sum - covered.sum(dim=1)
         self.free = self.free & ~keep
         self.free_count = self.free_count - newly
 
 
 def _proposal_round(state: _WorkingSet, threshold: float, coverage: float, max_masks: int) -> None:
     """One PriMaPs round for every running image of the working set (updates ``state`` in place)."""
-    direction, state.basis = _top_direction(
-        state.gram, state.free_sum, state.free_count.to(torch.float32), state.basis, state.running,
-        state.total_variance,
+    direction, state.basis, state.gram_basis = _top_direction(
+        state.gram, state.free_sum, state.free_count.to(torch.float32), state.basis, state.gram_basis,
+        state.running, state.total_variance,
     )
     similarity = state.cosine_to(direction)
     # Sign rule: the free position with the largest |s| gets a positive similarity.
@@ -301,10 +338,10 @@ def principal_masks(
         running = int(state.running.sum())
         if running == 0:
             break
-        if running <= 0.75 * state.rows.numel():
+        if running <= _COMPACT_FRACTION * state.rows.numel():
             store(state)
             state.keep_only(state.running.nonzero().squeeze(1))
-        state.drop_covered_columns()
+        state.drop_covered_rows()
         _proposal_round(state, float(threshold), float(coverage), int(max_masks))
     store(state)
 
