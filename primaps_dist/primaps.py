@@ -44,7 +44,7 @@ __all__ = ["principal_masks", "postprocess_masks", "mask_logits", "median_filter
 # Subspace size of the block eigen-solver. A batched [C, C] x [C, k] product costs about the same
 # for k = 1..16 (memory bound on G), while convergence improves as (lambda_{k+1} / lambda_1)^iters.
 _BLOCK = 16
-_RESIDUAL_TOL = 1e-4
+_RESIDUAL_TOL = 2e-4
 _MAX_SOLVER_ITERS = 60
 # A covariance whose top eigenvalue is below this fraction of the image's total variance is treated
 # as zero (e.g. constant features): its direction is arbitrary and needs no convergence.
@@ -297,6 +297,37 @@ def _proposal_round(state: _WorkingSet, threshold: float, coverage: float, max_m
     state.running = productive & (covered_fraction < coverage) & (state.counts < max_masks)
 
 
+def _proposal_maps(
+    features: torch.Tensor, threshold: float, coverage: float, max_masks: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run the proposal rounds. Returns (mask_id [B, h, w] int64 with 0 = no proposal and k = the
+    k-th proposal, mask_value [B, h, w] float32 soft value of that proposal, counts [B] int64)."""
+    _validate(features, threshold, coverage, max_masks)
+    batch, _, height, width = features.shape
+    device = features.device
+    state = _WorkingSet(features, _BLOCK)
+    mask_id = torch.zeros(batch, height * width, dtype=torch.int64, device=device)
+    mask_value = torch.zeros(batch, height * width, dtype=torch.float32, device=device)
+    counts = torch.zeros(batch, dtype=torch.int64, device=device)
+
+    def store(rows_state: _WorkingSet) -> None:
+        mask_id[rows_state.rows] = rows_state.mask_id
+        mask_value[rows_state.rows] = rows_state.mask_value
+        counts[rows_state.rows] = rows_state.counts
+
+    for _ in range(int(max_masks)):
+        running = int(state.running.sum())
+        if running == 0:
+            break
+        if running <= _COMPACT_FRACTION * state.rows.numel():
+            store(state)
+            state.keep_only(state.running.nonzero().squeeze(1))
+        state.drop_covered_rows()
+        _proposal_round(state, float(threshold), float(coverage), int(max_masks))
+    store(state)
+    return mask_id.reshape(batch, height, width), mask_value.reshape(batch, height, width), counts
+
+
 @torch.no_grad()
 def principal_masks(
     features: torch.Tensor,
@@ -321,34 +352,12 @@ def principal_masks(
     Raises:
         ValueError: wrong shape or dtype, NaN/Inf values, or an invalid parameter.
     """
-    _validate(features, threshold, coverage, max_masks)
-    batch, _, height, width = features.shape
-    device = features.device
-    state = _WorkingSet(features, _BLOCK)
-    mask_id = torch.zeros(batch, height * width, dtype=torch.int64, device=device)
-    mask_value = torch.zeros(batch, height * width, dtype=torch.float32, device=device)
-    counts = torch.zeros(batch, dtype=torch.int64, device=device)
-
-    def store(rows_state: _WorkingSet) -> None:
-        mask_id[rows_state.rows] = rows_state.mask_id
-        mask_value[rows_state.rows] = rows_state.mask_value
-        counts[rows_state.rows] = rows_state.counts
-
-    for _ in range(int(max_masks)):
-        running = int(state.running.sum())
-        if running == 0:
-            break
-        if running <= _COMPACT_FRACTION * state.rows.numel():
-            store(state)
-            state.keep_only(state.running.nonzero().squeeze(1))
-        state.drop_covered_rows()
-        _proposal_round(state, float(threshold), float(coverage), int(max_masks))
-    store(state)
-
+    mask_id, mask_value, counts = _proposal_maps(features, threshold, coverage, max_masks)
+    batch, height, width = mask_id.shape
     channels = max(1, int(counts.max()))
-    masks = torch.zeros(batch, channels, height * width, dtype=torch.float32, device=device)
+    masks = torch.zeros(batch, channels, height, width, dtype=torch.float32, device=mask_id.device)
     masks.scatter_(1, (mask_id - 1).clamp(min=0).unsqueeze(1), mask_value.unsqueeze(1))
-    return masks.reshape(batch, channels, height, width), counts
+    return masks, counts
 
 
 def _reflect_index(size: int, device: torch.device) -> torch.Tensor:
@@ -420,6 +429,55 @@ def postprocess_masks(masks: torch.Tensor, counts: torch.Tensor, median_filter: 
     return torch.log_softmax(logits, dim=1)
 
 
+def _neighbourhoods(maps: torch.Tensor) -> torch.Tensor:
+    """The 9 values of every 3x3 window (reflect padding): maps [B, h, w] -> [B, 9, h, w]."""
+    height, width = maps.shape[-2:]
+    padded = maps.index_select(-2, _reflect_index(height, maps.device))
+    padded = padded.index_select(-1, _reflect_index(width, maps.device))
+    return torch.stack(
+        [padded[:, dy : dy + height, dx : dx + width] for dy in range(3) for dx in range(3)], dim=1
+    )
+
+
+def _logits_from_maps(
+    mask_id: torch.Tensor, mask_value: torch.Tensor, counts: torch.Tensor, median_filter: bool
+) -> torch.Tensor:
+    """:func:`postprocess_masks` for disjoint proposals given as (id, value) maps, without the dense stack.
+
+    Disjointness makes the filtered stack sparse too: channel k is nonzero after a 3x3 median only
+    where at least 5 of the 9 window entries belong to proposal k, which holds for at most one k per
+    position, and that k is then the median of the window's ids. Its filtered value is the median of
+    the window's values with other proposals' entries set to 0. With at most one nonzero channel per
+    position, ``log_softmax`` has a closed form.
+
+    mask_id [B, h, w] int64, mask_value [B, h, w] float32, counts [B] -> [B, 1 + M, h, w] float32.
+    """
+    batch, height, width = mask_id.shape
+    if median_filter:
+        ids = _neighbourhoods(mask_id)
+        winner = ids.median(dim=1).values  # the majority id whenever one has >= 5 of 9 entries
+        mine = ids == winner.unsqueeze(1)
+        value = torch.where(mine, _neighbourhoods(mask_value), 0.0).median(dim=1).values
+        present = (mine.sum(dim=1) >= 5) & (winner > 0) & (value > 0)
+        mask_id = torch.where(present, winner, 0)
+        mask_value = torch.where(present, value, 0.0)
+    value = torch.where(mask_id > 0, (mask_value * 10.0).clamp(0.0, 1.0), 0.0)
+    nonzero = (value != 0).sum(dim=(1, 2))
+    mean_nonzero = torch.where(nonzero > 0, value.sum(dim=(1, 2)) / nonzero.clamp(min=1), 1.0)
+    background = (mean_nonzero[:, None, None] - value).clamp(0.0, 1.0)
+    has_mask = (value != 0) | (mask_id > 0)
+    others = counts.to(torch.float32)[:, None, None] - has_mask.to(torch.float32)  # channels at 0
+    log_total = torch.log(background.exp() + torch.where(has_mask, value.exp(), 0.0) + others)
+    channels = max(1, int(counts.max()))
+    valid = torch.arange(channels, device=mask_id.device)[None, :] < counts[:, None]  # [B, M]
+    logits = torch.where(valid[:, :, None, None], -log_total.unsqueeze(1), float("-inf"))
+    logits = logits.expand(batch, channels, height, width).contiguous()
+    own = (mask_id - 1).clamp(min=0).unsqueeze(1)
+    own_logit = torch.where(has_mask, value - log_total, logits.gather(1, own).squeeze(1))
+    logits.scatter_(1, own, own_logit.unsqueeze(1))
+    return torch.cat([(background - log_total).unsqueeze(1), logits], dim=1)
+
+
 @torch.no_grad()
 def mask_logits(
     features: torch.Tensor,
@@ -438,10 +496,11 @@ def mask_logits(
     Returns:
         [B, 1 + M, h, w] float32 log-probabilities, channel 0 = background, M = max(1, largest
         proposal count in the batch); unused channels are ``-inf`` (softmax gives exactly 0).
-        ``argmax`` over dim 1 gives the (pre-CRF) mask id per position.
+        ``argmax`` over dim 1 gives the (pre-CRF) mask id per position. Equal (up to float
+        rounding) to ``postprocess_masks(*principal_masks(features, ...), median_filter)``.
     """
-    masks, counts = principal_masks(features, threshold=threshold, coverage=coverage, max_masks=max_masks)
-    return postprocess_masks(masks, counts, median_filter=median_filter)
+    mask_id, mask_value, counts = _proposal_maps(features, threshold, coverage, max_masks)
+    return _logits_from_maps(mask_id, mask_value, counts, median_filter)
 
 
 def upsample_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from primaps_dist.primaps import postprocess_masks, principal_masks, upsample_logits
+from primaps_dist.primaps import mask_logits, upsample_logits
 
 __all__ = ["PseudoLabels", "assemble", "predict_classes", "generate"]
 
@@ -169,19 +169,20 @@ def generate(
     size = tuple(images.shape[-2:]) if label_size is None else (int(label_size[0]), int(label_size[1]))
     if min(size) < 1:
         raise ValueError(f"label_size must be positive, got {size}")
-    masks, counts = principal_masks(features, threshold=threshold, coverage=coverage, max_masks=max_masks)
+    logits = mask_logits(
+        features, threshold=threshold, coverage=coverage, max_masks=max_masks, median_filter=median_filter
+    )
+    counts = torch.isfinite(logits[:, 1:, 0, 0]).sum(dim=1)  # used proposal channels are finite
     batch = features.shape[0]
     device = features.device
     mask_ids = torch.empty(batch, *size, dtype=torch.int64, device=device)
     images = images.to(device)
-    for part in _chunks(batch, (masks.shape[1] + 1) * size[0] * size[1]):
-        part_counts = counts[part]
-        used = max(1, int(part_counts.max()))  # drop channels no image of this chunk uses
-        logits = postprocess_masks(masks[part, :used], part_counts, median_filter=median_filter)
-        logits = upsample_logits(logits, size)
+    for part in _chunks(batch, logits.shape[1] * size[0] * size[1]):
+        used = 1 + max(1, int(counts[part].max()))  # drop channels no image of this chunk uses
+        part_logits = upsample_logits(logits[part, :used], size)
         if crf_fn is not None:
-            logits = crf_fn(logits, _resize_images(images[part], size))
-        mask_ids[part] = logits.argmax(dim=1)
+            part_logits = crf_fn(part_logits, _resize_images(images[part], size))
+        mask_ids[part] = part_logits.argmax(dim=1)
     classes = predict_classes(features, prototypes, size)
     labels = assemble(mask_ids, classes, prototypes.shape[0], ignore_index=ignore_index)
     return PseudoLabels(labels=labels, mask_ids=mask_ids, num_proposals=counts)

@@ -294,6 +294,10 @@ def test_invariants_on_random_maps(batch, channels, height, width, threshold, ma
         assert valid[valid > 0].min() >= threshold - 1e-5
         covered = (valid > 0).float().sum() / (height * width)
         assert covered >= 0.95 or counts[index] == max_masks
-    logits = postprocess_masks(masks, counts)
-    assert not torch.isnan(logits).any()
-    assert torch.allclose(logits.exp().sum(1), torch.ones(batch, height, width))
+    for median in (True, False):
+        logits = postprocess_masks(masks, counts, median_filter=median)
+        assert not torch.isnan(logits).any()
+        assert torch.allclose(logits.exp().sum(1), torch.ones(batch, height, width))
+        # mask_logits takes a sparse shortcut through the post-processing: same numbers.
+        fast = mask_logits(features, threshold=threshold, max_masks=max_masks, median_filter=median)
+        torch.testing.assert_close(fast, logits, atol=2e-6, rtol=0)
