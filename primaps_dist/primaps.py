@@ -189,7 +189,8 @@ class _WorkingSet:
         self.rows = torch.arange(batch, device=device)  # full-batch index of each working image
         self.mean = flat.mean(dim=2)  # [b, C]
         # Centring first also keeps the float32 Gram matrix from losing digits to a large mean.
-        self.points = torch.zeros(batch, positions + 1, channels, device=device)
+        self.points = torch.empty(batch, positions + 1, channels, device=device)
+        self.points[:, positions].zero_()
         centred = self.points[:, :positions]
         torch.sub(flat.transpose(1, 2), self.mean.unsqueeze(1), out=centred)
         self.gram = _gram(centred.transpose(1, 2))  # [b, C, C]
