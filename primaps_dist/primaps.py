@@ -39,7 +39,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["principal_masks", "postprocess_masks", "mask_logits", "median_filter_3x3", "upsample_logits"]
+__all__ = [
+    "principal_masks", "postprocess_masks", "mask_logits", "median_filter_3x3", "upsample_logits", "argmax_channels",
+]
 
 # Subspace size of the block eigen-solver. A batched [C, C] x [C, k] product costs about the same
 # for k = 1..16 (memory bound on G), while convergence improves as (lambda_{k+1} / lambda_1)^iters.
@@ -76,7 +78,7 @@ def _gram(columns: torch.Tensor) -> torch.Tensor:
     half = columns.shape[1] // 2
     if half < 32:
         return columns @ columns.transpose(1, 2)
-    gram = torch.empty(columns.shape[0], columns.shape[1], columns.shape[1], device=columns.device)
+    gram = torch.empty(columns.shape[0], columns.shape[1], columns.shape[1], dtype=columns.dtype, device=columns.device)
     gram[:, :half] = columns[:, :half] @ columns.transpose(1, 2)
     gram[:, half:, half:] = columns[:, half:] @ columns[:, half:].transpose(1, 2)
     gram[:, half:, :half] = gram[:, :half, half:].transpose(1, 2)
@@ -189,7 +191,7 @@ class _WorkingSet:
         self.rows = torch.arange(batch, device=device)  # full-batch index of each working image
         self.mean = flat.mean(dim=2)  # [b, C]
         # Centring first also keeps the float32 Gram matrix from losing digits to a large mean.
-        self.points = torch.empty(batch, positions + 1, channels, device=device)
+        self.points = torch.empty(batch, positions + 1, channels, dtype=torch.float32, device=device)
         self.points[:, positions].zero_()
         centred = self.points[:, :positions]
         torch.sub(flat.transpose(1, 2), self.mean.unsqueeze(1), out=centred)
@@ -504,24 +506,35 @@ def mask_logits(
     return _logits_from_maps(mask_id, mask_value, counts, median_filter)
 
 
-def upsample_logits(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def upsample_logits(
+    logits: torch.Tensor, size: tuple[int, int], memory_format: torch.memory_format = torch.contiguous_format
+) -> torch.Tensor:
     """Bilinear (align_corners=False) resize of log-probabilities that may contain ``-inf``.
 
     Plain ``F.interpolate`` turns ``-inf`` into NaN wherever a ``-inf`` neighbour has interpolation
     weight exactly 0 (``0 * -inf``), e.g. at the borders, and ``argmax`` then picks that channel. Here
     an output is ``-inf`` exactly when a neighbour with positive weight is ``-inf``; other values are
-    the usual interpolation of the finite values.
+    the usual interpolation of the finite values. Channels that are ``-inf`` everywhere (unused
+    proposals) take a fast path.
 
-    logits [B, L, h, w] float -> [B, L, H, W] float32.
+    logits [B, L, h, w] float -> [B, L, H, W] float32 in ``memory_format`` (``torch.channels_last``
+    makes the resize and a following ``argmax(1)`` several times faster on CPU).
     """
     logits = logits.to(torch.float32)
     size = (int(size[0]), int(size[1]))
-    if tuple(logits.shape[-2:]) == size:
-        return logits
     forbidden = torch.isneginf(logits)
-    finite = logits.masked_fill(forbidden, 0.0)
-    resized = F.interpolate(finite, size=size, mode="bilinear", align_corners=False)
-    if bool(forbidden.any()):
+    source = logits.masked_fill(forbidden, 0.0).contiguous(memory_format=torch.channels_last)
+    resized = F.interpolate(source, size=size, mode="bilinear", align_corners=False)
+    dead = forbidden.all(dim=3).all(dim=2)  # [B, L]
+    if bool((forbidden.any(dim=3).any(dim=2) & ~dead).any()):
         reach = F.interpolate(forbidden.to(torch.float32), size=size, mode="bilinear", align_corners=False)
         resized = resized.masked_fill(reach > 0, float("-inf"))
-    return resized
+    elif bool(dead.any()):
+        resized = resized.masked_fill(dead[:, :, None, None], float("-inf"))
+    return resized.contiguous(memory_format=memory_format)
+
+
+def argmax_channels(scores: torch.Tensor) -> torch.Tensor:
+    """``scores.argmax(1)`` for [B, L, H, W] (first maximum on ties), via a channels-last copy: on
+    CPU the reduction over a contiguous channel axis is several times faster. -> [B, H, W] int64."""
+    return scores.contiguous(memory_format=torch.channels_last).argmax(dim=1)

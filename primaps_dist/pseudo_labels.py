@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from primaps_dist.primaps import mask_logits, upsample_logits
+from primaps_dist.primaps import argmax_channels, mask_logits, upsample_logits
 
 __all__ = ["PseudoLabels", "assemble", "predict_classes", "generate"]
 
@@ -118,9 +118,10 @@ def predict_classes(features: torch.Tensor, prototypes: torch.Tensor, size: tupl
     weights = prototypes.to(device=features.device, dtype=torch.float32)
     scores = torch.einsum("kc,bchw->bkhw", weights, features.to(torch.float32))
     out = torch.empty(features.shape[0], height, width, dtype=torch.int64, device=features.device)
+    scores = scores.contiguous(memory_format=torch.channels_last)  # fast resize and channel argmax on CPU
     for part in _chunks(features.shape[0], prototypes.shape[0] * height * width):
         resized = F.interpolate(scores[part], size=(height, width), mode="bilinear", align_corners=False)
-        out[part] = resized.argmax(dim=1)
+        out[part] = argmax_channels(resized)
     return out
 
 
@@ -179,10 +180,11 @@ def generate(
     images = images.to(device)
     for part in _chunks(batch, logits.shape[1] * size[0] * size[1]):
         used = 1 + max(1, int(counts[part].max()))  # drop channels no image of this chunk uses
-        part_logits = upsample_logits(logits[part, :used], size)
-        if crf_fn is not None:
-            part_logits = crf_fn(part_logits, _resize_images(images[part], size))
-        mask_ids[part] = part_logits.argmax(dim=1)
+        if crf_fn is None:
+            part_logits = upsample_logits(logits[part, :used], size, memory_format=torch.channels_last)
+        else:
+            part_logits = crf_fn(upsample_logits(logits[part, :used], size), _resize_images(images[part], size))
+        mask_ids[part] = argmax_channels(part_logits)
     classes = predict_classes(features, prototypes, size)
     labels = assemble(mask_ids, classes, prototypes.shape[0], ignore_index=ignore_index)
     return PseudoLabels(labels=labels, mask_ids=mask_ids, num_proposals=counts)

@@ -1,0 +1,150 @@
+"""Cost of pseudo-label generation relative to the backbone forward pass, per 320x320 image.
+
+Pseudo labels (``primaps_dist.pseudo_labels.generate``: PriMaPs proposals + bilinear upsampling +
+dense CRF + class prediction and assembly) are timed next to the forward pass of DINO ViT-S/8
+(timm ``vit_small_patch8_224``, random weights, never downloaded) on the same CPU, thread count and
+images. Target: pseudo labels <= 25 % of the backbone forward. Times are CPU time of this process
+(robust to other load on a shared machine); wall time is printed as well.
+
+    python bench/bench_pseudo_labels.py                        # torch CRF backend
+    python bench/bench_pseudo_labels.py --crf-backend pydensecrf
+    python bench/bench_pseudo_labels.py --crf-backend none     # proposals + assembly only
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from primaps_dist.primaps import argmax_channels, mask_logits, upsample_logits  # noqa: E402
+from primaps_dist.pseudo_labels import _resize_images, assemble, generate, predict_classes  # noqa: E402
+from primaps_reference import planted_features  # noqa: E402
+
+IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+
+
+class Clock:
+    """CPU and wall time of a block; ``per_image`` divides by the batch size."""
+
+    def __init__(self) -> None:
+        self.cpu = self.wall = 0.0
+
+    def __enter__(self) -> "Clock":
+        self._cpu, self._wall = time.process_time(), time.perf_counter()
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.cpu += time.process_time() - self._cpu
+        self.wall += time.perf_counter() - self._wall
+
+
+def photos(batch: int, size: int) -> torch.Tensor:
+    from lite0_features import PHOTOS, photo
+
+    return torch.stack([photo(PHOTOS[i % len(PHOTOS)], size) for i in range(batch)])
+
+
+def make_crf(backend: str, iterations: int):
+    if backend == "none":
+        return None
+    try:
+        from primaps_dist.crf import dense_crf
+    except ImportError as error:  # the CRF module is optional for this benchmark
+        print(f"primaps_dist.crf not importable ({error}); running without CRF")
+        return None
+    return functools.partial(dense_crf, iterations=iterations, backend=backend)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--size", type=int, default=320)
+    parser.add_argument("--label-size", type=int, default=0, help="pseudo-label side (default: image size)")
+    parser.add_argument("--crf-backend", choices=("torch", "pydensecrf", "none"), default="torch")
+    parser.add_argument("--crf-iterations", type=int, default=10)
+    parser.add_argument("--classes", type=int, default=27)
+    parser.add_argument("--regions", type=int, default=24, help="planted regions of the proposal features")
+    parser.add_argument("--noise", type=float, default=1.0)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+
+    import timm
+
+    images = photos(args.batch, args.size)
+    # Proposal features with realistic structure (random ViT weights would give meaningless maps);
+    # the ViT below only provides the reference time.
+    features = planted_features(args.batch, channels=384, size=args.size // 8, regions=args.regions,
+                                noise=args.noise, seed=0)
+    prototypes = F.normalize(torch.randn(args.classes, 384, generator=torch.Generator().manual_seed(0)), dim=1)
+    crf_fn = make_crf(args.crf_backend, args.crf_iterations)
+    size = (args.label_size or args.size,) * 2
+
+    vit = timm.create_model("vit_small_patch8_224", pretrained=False, dynamic_img_size=True, num_classes=0).eval()
+    vit_input = (images - IMAGENET_MEAN) / IMAGENET_STD
+    with torch.inference_mode():
+        vit.forward_features(vit_input[:1, :, :64, :64])  # warm-up
+        generate(features[:1, :, :8, :8], images[:1, :, :64, :64], prototypes, crf_fn=crf_fn)
+
+    backbone, total = Clock(), Clock()
+    split = {name: Clock() for name in ("proposals", "upsample", "crf", "assign")}
+    proposal_counts = None
+    with torch.inference_mode():
+        for _ in range(args.repeats):
+            with backbone:
+                vit.forward_features(vit_input)
+            with total:
+                result = generate(features, images, prototypes, crf_fn=crf_fn, label_size=size)
+            proposal_counts = result.num_proposals
+            # The same pipeline step by step, for the split.
+            with split["proposals"]:
+                logits = mask_logits(features)
+            with split["upsample"]:
+                layout = torch.channels_last if crf_fn is None else torch.contiguous_format
+                logits = upsample_logits(logits, size, memory_format=layout)
+            with split["crf"]:
+                if crf_fn is not None:
+                    logits = crf_fn(logits, _resize_images(images, size))
+            with split["assign"]:
+                labels = assemble(argmax_channels(logits), predict_classes(features, prototypes, size), args.classes)
+            assert torch.equal(labels, result.labels)
+
+    images_done = args.batch * args.repeats
+
+    def per_image(clock: Clock, kind: str) -> float:
+        return 1000 * getattr(clock, kind) / images_done
+
+    print(f"{images_done} images of {args.size}x{args.size}, labels {size[0]}x{size[1]}, threads {args.threads}, CRF backend "
+          f"{args.crf_backend if crf_fn else 'none'} ({args.crf_iterations} iterations), proposals per image "
+          f"{proposal_counts.tolist()}")
+    for kind in ("cpu", "wall"):
+        print(f"[{kind:4s}] ViT-S/8 forward {per_image(backbone, kind):8.1f} ms/image | pseudo labels "
+              f"{per_image(total, kind):8.1f} ms/image = {100 * per_image(total, kind) / per_image(backbone, kind):6.1f} %"
+              f" of the forward")
+        print("        split: " + ", ".join(
+            f"{name} {per_image(clock, kind):.1f} ms ({100 * per_image(clock, kind) / per_image(backbone, kind):.1f} %)"
+            for name, clock in split.items()))
+    ratio = per_image(total, "cpu") / per_image(backbone, "cpu")
+    print(f"pseudo labels / backbone forward (CPU time): {100 * ratio:.1f} % (target <= 25 %)")
+    print(json.dumps({"ratio_cpu": ratio, "vit_ms": per_image(backbone, "cpu"),
+                      **{f"{name}_ms": per_image(clock, "cpu") for name, clock in split.items()}}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
