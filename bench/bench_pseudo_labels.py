@@ -129,13 +129,13 @@ def main(argv: list[str] | None = None) -> int:
     def per_image(clock: Clock, kind: str) -> float:
         return 1000 * getattr(clock, kind) / images_done
 
-    print(f"{images_done} images of {args.size}x{args.size}, labels {size[0]}x{size[1]}, threads {args.threads}, CRF backend "
-          f"{args.crf_backend if crf_fn else 'none'} ({args.crf_iterations} iterations), proposals per image "
-          f"{proposal_counts.tolist()}")
+    print(f"{images_done} images of {args.size}x{args.size}, labels {size[0]}x{size[1]}, threads {args.threads}, "
+          f"CRF backend {args.crf_backend if crf_fn else 'none'} ({args.crf_iterations} iterations), "
+          f"proposals per image {proposal_counts.tolist()}")
     for kind in ("cpu", "wall"):
+        share = 100 * per_image(total, kind) / per_image(backbone, kind)
         print(f"[{kind:4s}] ViT-S/8 forward {per_image(backbone, kind):8.1f} ms/image | pseudo labels "
-              f"{per_image(total, kind):8.1f} ms/image = {100 * per_image(total, kind) / per_image(backbone, kind):6.1f} %"
-              f" of the forward")
+              f"{per_image(total, kind):8.1f} ms/image = {share:6.1f} % of the forward")
         print("        split: " + ", ".join(
             f"{name} {per_image(clock, kind):.1f} ms ({100 * per_image(clock, kind) / per_image(backbone, kind):.1f} %)"
             for name, clock in split.items()))

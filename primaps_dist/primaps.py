@@ -78,7 +78,8 @@ def _gram(columns: torch.Tensor) -> torch.Tensor:
     half = columns.shape[1] // 2
     if half < 32:
         return columns @ columns.transpose(1, 2)
-    gram = torch.empty(columns.shape[0], columns.shape[1], columns.shape[1], dtype=columns.dtype, device=columns.device)
+    batch, channels, _ = columns.shape
+    gram = torch.empty(batch, channels, channels, dtype=columns.dtype, device=columns.device)
     gram[:, :half] = columns[:, :half] @ columns.transpose(1, 2)
     gram[:, half:, half:] = columns[:, half:] @ columns[:, half:].transpose(1, 2)
     gram[:, half:, :half] = gram[:, :half, half:].transpose(1, 2)
