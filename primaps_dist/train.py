@@ -288,8 +288,12 @@ class Trainer:
         timer.lap("proposals", self.device)
         metrics = {"proposals_per_image": float(pseudo.num_proposals.float().mean())}
         if cfg.em.mode == "stats":
-            # Statistics live at the feature grid: pseudo labels are sampled (nearest) at patch centres.
-            grid_labels = F.interpolate(pseudo.labels[:, None].float(), size=features.shape[-2:], mode="nearest")
+            # Statistics live at the feature grid: pseudo labels are sampled at patch centres. "nearest-exact"
+            # reads the pixel at (i + 0.5) * scale; plain "nearest" reads i * scale, the top-left corner of
+            # the patch, which shifts every label half a patch up and left of its feature.
+            grid_labels = F.interpolate(
+                pseudo.labels[:, None].float(), size=features.shape[-2:], mode="nearest-exact"
+            )
             packed = batch_stats(normalized_pixels(features), grid_labels.long().reshape(-1), self.K)
             dist.all_reduce_sum(packed)
             summary = self.state.update(packed, cfg.em.momentum)
