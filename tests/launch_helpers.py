@@ -152,7 +152,8 @@ def final_checkpoint(output_dir: Path, expected_step: int) -> dict:
     assert found, f"no complete checkpoint under {output_dir}/checkpoints"
     step = max(found)
     assert step == expected_step, f"newest complete checkpoint is step {step}, expected {expected_step}"
-    assert (Path(output_dir) / "checkpoints" / "latest").exists(), "checkpoints/latest pointer missing"
+    pointer = Path(output_dir) / "checkpoints"
+    assert (pointer / "latest").exists() or (pointer / "latest.txt").exists(), "checkpoints/latest pointer missing"
     payload = load_checkpoint(found[step])
     assert int(payload["step"]) == expected_step
     return payload

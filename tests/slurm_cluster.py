@@ -270,6 +270,28 @@ PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP OverSu
             time.sleep(1.0)
         raise TimeoutError(f"job {job_id} still {info.get('JobState')} after {timeout_s:.0f} s: {info}")
 
+    def release_requeued(self, job_id: int, timeout_s: float = 180.0) -> dict[str, str]:
+        """Start a requeued job now instead of after SLURM's ~2 minute hold (``Reason=BeginTime``).
+
+        The hold exists for a reason: slurmd refuses ("Job N already killed, do not launch batch job") a
+        relaunch that comes within about a second of the old instance's end, and the job then FAILS. So
+        release only once the node is idle again, plus a few seconds. Returns the job's fields once it
+        runs again (or has ended). Raises TimeoutError.
+        """
+        deadline = time.monotonic() + timeout_s
+        released = False
+        while time.monotonic() < deadline:
+            info = self.job(job_id)
+            state, reason = info.get("JobState"), info.get("Reason")
+            if state == "RUNNING" or (state in TERMINAL_STATES and state != "PENDING" and released):
+                return info
+            if state == "PENDING" and reason == "BeginTime" and not released and self._node_idle():
+                time.sleep(3.0)
+                self.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"])
+                released = True
+            time.sleep(0.25)
+        raise TimeoutError(f"requeued job {job_id} did not start again within {timeout_s:.0f} s: {info}")
+
     def cancel_all(self, wait_s: float = 40.0) -> None:
         """Cancel every job and wait (bounded) until none is left running."""
         try:

@@ -132,7 +132,8 @@ def test_deepspeed_two_processes_and_resume(tmp_path_factory, tmp_path):
     payload = final_checkpoint(out, first_steps)
     assert payload["config"]["em"]["mode"] == "gradient" and payload["config"]["em"]["engine"] == "deepspeed"
     assert "gradient_state" in payload
-    prototypes_before = payload["prototypes"].clone()
+    state_before = payload["gradient_state"]
+    assert int(state_before["momentum"]["steps"]) == 3  # one optimiser step per EM step
 
     second = tiny_overrides(demo, out, train__em_steps=6, checkpoint__every_steps=100)
     result = run_checked([*script, *second, deepspeed_config], env=env, timeout=400)
@@ -141,7 +142,13 @@ def test_deepspeed_two_processes_and_resume(tmp_path_factory, tmp_path):
     assert resumed and int(resumed[0]) == first_steps, f"no resume at step {first_steps}:\n{tail(result.stdout)}"
     after = final_checkpoint(out, second_steps)
     assert set(complete_checkpoints(out)) >= {first_steps, second_steps}
-    # Three more gradient steps changed the prototypes, and they stayed unit vectors.
-    assert not bool((after["prototypes"] - prototypes_before).abs().max() < 1e-7)
+    state_after = after["gradient_state"]
+    # The resumed run continued the saved optimiser and EMA state: 3 + 3 steps, not 6 fresh ones.
+    assert int(state_after["momentum"]["steps"]) == 6
+    optimizer_steps = [float(s["step"]) for s in state_after["engine"]["optimizer"]["state"].values()]
+    assert optimizer_steps and all(step == 6 for step in optimizer_steps), optimizer_steps
+    head_before = state_before["engine"]["head"]["weight"]
+    head_after = state_after["engine"]["head"]["weight"]
+    assert float((head_after - head_before).abs().max()) > 1e-6, "three more Adam steps left the head unchanged"
     norms = after["prototypes"].double().norm(dim=1)
     assert bool(((norms - 1).abs() < 1e-4).all()), norms

@@ -43,7 +43,8 @@ def _wait_done(cluster, job_id: int, log_path: Path, timeout_s: float = JOB_TIME
         pytest.fail(f"{err}\n--- job log\n{tail(_log(log_path))}\n{cluster.logs(15)}", pytrace=False)
     if info.get("JobState") != "COMPLETED" or info.get("ExitCode") != "0:0":
         pytest.fail(
-            f"job {job_id} ended {info.get('JobState')} exit {info.get('ExitCode')}\n--- job log\n{tail(_log(log_path))}",
+            f"job {job_id} ended {info.get('JobState')} exit {info.get('ExitCode')} ({info.get('Reason')})\n"
+            f"--- job log\n{tail(_log(log_path))}\n{cluster.logs(25)}",
             pytrace=False,
         )
     return info
@@ -147,8 +148,7 @@ def test_preempted_job_requeues_and_resumes(slurm_cluster, tmp_path_factory, tmp
     assert signalled_at < steps, "the run finished before it could be preempted; make it longer"
     slurm_cluster.run(["scancel", "--signal=USR1", "--batch", str(job)])
 
-    # The job checkpoints, exits and requeues itself. SLURM holds a requeued job ~2 minutes (BeginTime);
-    # release it at once so the test does not sit out the delay.
+    # The job checkpoints, exits and requeues itself (Restarts=1, pending again).
     deadline = time.monotonic() + JOB_TIMEOUT_S
     while True:
         info = slurm_cluster.job(job)
@@ -157,21 +157,28 @@ def test_preempted_job_requeues_and_resumes(slurm_cluster, tmp_path_factory, tmp
         if info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT") or time.monotonic() > deadline:
             pytest.fail(f"job {job} did not requeue: {info.get('JobState')}\n{tail(_log(log_path))}", pytrace=False)
         time.sleep(0.5)
-    if info.get("JobState") == "PENDING" and info.get("Reason") == "BeginTime":
-        slurm_cluster.run(["scontrol", "update", f"JobId={job}", "StartTime=now"], check=False)
+    # SLURM holds a requeued job ~2 minutes (BeginTime); release it so the test does not sit that out.
+    try:
+        slurm_cluster.release_requeued(job)
+    except TimeoutError as err:
+        pytest.fail(f"{err}\n{tail(_log(log_path))}\n{slurm_cluster.logs(20)}", pytrace=False)
 
     final = _wait_done(slurm_cluster, job, log_path)
-    assert final["Restarts"] == "1"
+    assert final["Restarts"] == "1", final
     log = _log(log_path)
     assert "received SIGUSR1" in log and f"requeueing job {job}" in log, tail(log)
     assert "restart 1:" in log, tail(log)
-    resumed = [int(s) for s in re.findall(r"resumed from \S+ at step (\d+)", log)]
+    assert "training finished" in log, tail(log)
+    resumed = {int(s) for s in re.findall(r"resumed from \S+ at step (\d+)", log)}  # one line per rank
     assert len(resumed) == 1, tail(log)
+    resumed_at = resumed.pop()
     # It resumed from the checkpoint written on the stop request (at or after the one seen before the signal).
-    assert signalled_at <= resumed[0] < steps
+    assert signalled_at < resumed_at < steps, (signalled_at, resumed_at)
+    assert f"stopped at step {resumed_at} on request" in log, tail(log)
     payload = final_checkpoint(out, steps)
     assert payload["prototypes"].shape[0] == 6
 
     # One MLflow run across both attempts, finished.
     _, runs = _mlflow_runs(tmp_path, "slurm-preempt")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED", [(r.info.run_id, r.info.status) for r in runs]
+    assert payload.get("mlflow_run_id") in (None, "", runs[0].info.run_id)
