@@ -237,10 +237,11 @@ class Trainer:
         if self.engine is not None:
             payload["gradient_state"], sharded_writer = self.engine.checkpoint_parts()
         # Collective: every rank reaches every collective, and a failure anywhere raises everywhere.
-        path = ckpt.save_checkpoint_distributed(
-            self.ckpt_dir, self.step, payload if self.master else None,
-            keep=self.cfg.checkpoint.keep, all_ranks_writer=sharded_writer,
-        )
+        with dist.guard_collective("checkpoint save"):  # a peer lost mid-save: one line, not a traceback
+            path = ckpt.save_checkpoint_distributed(
+                self.ckpt_dir, self.step, payload if self.master else None,
+                keep=self.cfg.checkpoint.keep, all_ranks_writer=sharded_writer,
+            )
         if self.master:
             log.info("saved checkpoint %s", path)
         return path
