@@ -130,6 +130,29 @@ def test_generate_calls_crf_with_label_sized_0_255_images():
     assert (result.mask_ids > 0).all() and (result.labels != 255).all()
 
 
+def test_generate_groups_images_by_proposal_count_without_changing_results():
+    features = torch.cat([
+        planted_features(2, 32, 8, regions=2, noise=0.1, seed=1),
+        planted_features(2, 32, 8, regions=9, noise=0.8, seed=2),
+        planted_features(1, 32, 8, regions=4, noise=0.3, seed=3),
+    ])
+    images = torch.rand(5, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    prototypes = F.normalize(torch.randn(3, 32, generator=torch.Generator().manual_seed(1)), dim=1)
+    calls = []
+
+    def softmax_crf(logits, crf_images):
+        calls.append(logits.shape[:2])
+        return logits.softmax(dim=1)
+
+    plain = generate(features, images, prototypes)
+    grouped = generate(features, images, prototypes, crf_fn=softmax_crf)
+    assert len(set(plain.num_proposals.tolist())) > 2 and len(calls) >= 2  # several groups
+    assert sum(n for n, _ in calls) == 5
+    assert torch.equal(plain.mask_ids, grouped.mask_ids) and torch.equal(plain.labels, grouped.labels)
+    for count, (_, channels) in zip(sorted(plain.num_proposals.tolist()), calls):
+        assert channels >= count + 1
+
+
 def test_generate_with_dense_crf():
     crf = pytest.importorskip("primaps_dist.crf")
     features, images, prototypes = _scene(batch=2, size=48)
