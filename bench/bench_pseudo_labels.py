@@ -29,7 +29,13 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from primaps_dist.primaps import argmax_channels, mask_logits, upsample_logits  # noqa: E402
-from primaps_dist.pseudo_labels import _resize_images, assemble, generate, predict_classes  # noqa: E402
+from primaps_dist.pseudo_labels import (  # noqa: E402
+    _label_groups,
+    _resize_images,
+    assemble,
+    generate,
+    predict_classes,
+)
 from primaps_reference import planted_features  # noqa: E402
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
@@ -111,17 +117,23 @@ def main(argv: list[str] | None = None) -> int:
             with total:
                 result = generate(features, images, prototypes, crf_fn=crf_fn, label_size=size)
             proposal_counts = result.num_proposals
-            # The same pipeline step by step, for the split.
+            # The same pipeline step by step (same image groups as generate), for the split.
             with split["proposals"]:
                 logits = mask_logits(features)
-            with split["upsample"]:
-                layout = torch.channels_last if crf_fn is None else torch.contiguous_format
-                logits = upsample_logits(logits, size, memory_format=layout)
-            with split["crf"]:
-                if crf_fn is not None:
-                    logits = crf_fn(logits, _resize_images(images, size))
+            counts = torch.isfinite(logits[:, 1:, 0, 0]).sum(dim=1)
+            mask_ids = torch.empty(args.batch, *size, dtype=torch.int64)
+            for group in _label_groups(counts, size[0] * size[1], crf_fn is not None):
+                used = 1 + max(1, int(counts[group].max()))
+                with split["upsample"]:
+                    layout = torch.channels_last if crf_fn is None else torch.contiguous_format
+                    scores = upsample_logits(logits[group, :used], size, memory_format=layout)
+                with split["crf"]:
+                    if crf_fn is not None:
+                        scores = crf_fn(scores, _resize_images(images[group], size))
+                with split["assign"]:
+                    mask_ids[group] = argmax_channels(scores)
             with split["assign"]:
-                labels = assemble(argmax_channels(logits), predict_classes(features, prototypes, size), args.classes)
+                labels = assemble(mask_ids, predict_classes(features, prototypes, size), args.classes)
             assert torch.equal(labels, result.labels)
 
     images_done = args.batch * args.repeats
