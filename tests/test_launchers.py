@@ -1,6 +1,10 @@
 """The launch/*.sh scripts, run for real: the MLflow server helper with a single-node training run logging
-to it over HTTP, and the DeepSpeed path (2 CPU processes, em.mode=gradient em.engine=deepspeed) including
-a resume from its own checkpoint with more steps."""
+to it over HTTP, and the DeepSpeed path (2 CPU processes, em.mode=gradient em.engine=deepspeed; torchrun,
+then a resume from its checkpoint with more steps through the `deepspeed` launcher). The multi-node
+script is exercised by test_multinode.py.
+
+The first DeepSpeed run on a machine JIT-compiles DeepSpeed's CPU shared-memory comm op (about a minute
+on 2 cores; cached in ~/.cache/torch_extensions afterwards)."""
 
 from __future__ import annotations
 
@@ -135,8 +139,10 @@ def test_deepspeed_two_processes_and_resume(tmp_path_factory, tmp_path):
     state_before = payload["gradient_state"]
     assert int(state_before["momentum"]["steps"]) == 3  # one optimiser step per EM step
 
+    # The resume goes through the `deepspeed` launcher instead of torchrun: same checkpoint, other launcher.
     second = tiny_overrides(demo, out, train__em_steps=6, checkpoint__every_steps=100)
-    result = run_checked([*script, *second, deepspeed_config], env=env, timeout=400)
+    launcher_env = {**env, "LAUNCHER": "deepspeed", "MASTER_PORT": str(free_port())}
+    result = run_checked([*script, *second, deepspeed_config], env=launcher_env, timeout=400)
     second_steps = total_steps(second)
     resumed = re.findall(r"resumed from \S+ at step (\d+)", result.stdout)
     assert resumed and int(resumed[0]) == first_steps, f"no resume at step {first_steps}:\n{tail(result.stdout)}"
