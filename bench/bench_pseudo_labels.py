@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
                 logits = mask_logits(features)
             counts = torch.isfinite(logits[:, 1:, 0, 0]).sum(dim=1)
             mask_ids = torch.empty(args.batch, *size, dtype=torch.int64)
-            for group in _label_groups(counts, size[0] * size[1], crf_fn is not None):
+            for group in _label_groups(counts, size[0] * size[1]):
                 used = 1 + max(1, int(counts[group].max()))
                 with split["upsample"]:
                     layout = torch.channels_last if crf_fn is None else torch.contiguous_format

@@ -20,8 +20,8 @@ __all__ = ["PseudoLabels", "assemble", "predict_classes", "generate"]
 
 # Upper bound on elements of one label-resolution [chunk, channels, H, W] float tensor (~256 MB).
 _CHUNK_ELEMENTS = 64 * 1024 * 1024
-# Before a CRF, start a new group rather than pad its images by more label maps than this in total.
-_CRF_PADDING_LABELS = 8
+# Start a new group of images rather than pad a group by more label maps than this in total.
+_PADDING_LABELS = 8
 
 CrfFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -46,13 +46,14 @@ def _chunks(batch: int, per_image: int) -> list[slice]:
     return [slice(start, min(batch, start + size)) for start in range(0, batch, size)]
 
 
-def _label_groups(counts: torch.Tensor, pixels: int, for_crf: bool) -> list[torch.Tensor]:
+def _label_groups(counts: torch.Tensor, pixels: int) -> list[torch.Tensor]:
     """Split the batch into groups of images (index tensors) for the label-resolution stage.
 
     Images are taken in order of proposal count, so each group's channel count (its largest count
-    + 1) is tight; a group ends when its [n, L, H', W'] tensor would exceed ``_CHUNK_ELEMENTS`` or,
-    before a CRF (whose cost grows with n * L), when padding the group to the next image's count
-    would cost more than ``_CRF_PADDING_LABELS`` label maps. Planning only: O(B) scalar work.
+    + 1) is tight; a group ends when its [n, L, H', W'] tensor would exceed ``_CHUNK_ELEMENTS`` or
+    when padding the group to the next image's count would cost more than ``_PADDING_LABELS`` label
+    maps (the resize, argmax and above all the CRF cost grows with n * L). Planning only: O(B)
+    scalar work.
     """
     order = torch.argsort(counts, stable=True)
     labels = (counts[order] + 1).clamp(min=2).tolist()
@@ -61,8 +62,8 @@ def _label_groups(counts: torch.Tensor, pixels: int, for_crf: bool) -> list[torc
         if index < len(labels):
             members = index - start
             too_big = (members + 1) * labels[index] * pixels > _CHUNK_ELEMENTS
-            padding = members * (labels[index] - labels[index - 1]) > _CRF_PADDING_LABELS
-            if not too_big and not (for_crf and padding):
+            padding = members * (labels[index] - labels[index - 1]) > _PADDING_LABELS
+            if not too_big and not padding:
                 continue
         groups.append(order[start:index])
         start = index
@@ -203,7 +204,7 @@ def generate(
     device = features.device
     mask_ids = torch.empty(batch, *size, dtype=torch.int64, device=device)
     images = images.to(device)
-    for part in _label_groups(counts, size[0] * size[1], crf_fn is not None):
+    for part in _label_groups(counts, size[0] * size[1]):
         used = 1 + max(1, int(counts[part].max()))  # drop channels no image of this group uses
         if crf_fn is None:
             part_logits = upsample_logits(logits[part, :used], size, memory_format=torch.channels_last)
