@@ -20,7 +20,6 @@ import importlib
 import io
 import json
 import logging
-import os
 import signal
 import socket
 import traceback
@@ -35,7 +34,6 @@ import torch
 pytest.register_assert_rewrite("helpers_demo")
 
 from helpers_demo import (  # noqa: E402
-    CROP,
     DEMO_CONFIG,
     NUM_CLASSES,
     DemoData,
@@ -55,7 +53,8 @@ from primaps_dist.errors import run_cli  # noqa: E402
 pytest_plugins = ["helpers_demo"]
 pytestmark = pytest.mark.slow
 
-TRAIN, EVALUATE, PREDICT, CLI = "primaps_dist.train", "primaps_dist.evaluate", "primaps_dist.predict", "primaps_dist.cli"
+TRAIN, EVALUATE, PREDICT = "primaps_dist.train", "primaps_dist.evaluate", "primaps_dist.predict"
+CLI = "primaps_dist.cli"
 DEMO_CHANNELS = 40 + 112  # EfficientNet-Lite0 stages 2 and 3 (configs/demo.yaml)
 
 
@@ -298,7 +297,8 @@ CASES = [
     Case("num_classes_below_2", TRAIN, lambda c: ["--config", str(DEMO_CONFIG), "data.num_classes=1"],
          fails("config key 'data.num_classes'", "must be >= 2")),
     Case("crop_not_multiple_of_patch", TRAIN,
-         lambda c: ["--config", str(DEMO_CONFIG), "backbone.name=dino_vits8", "backbone.layers=[]", "data.crop_size=100"],
+         lambda c: ["--config", str(DEMO_CONFIG), "backbone.name=dino_vits8", "backbone.layers=[]",
+                    "data.crop_size=100"],
          fails("config key 'data.crop_size'", "not a multiple of the backbone stride 8"), subprocess=True),
     Case("missing_config_file", TRAIN, lambda c: ["--config", str(c.tmp / "missing.yaml")],
          fails("config file not found", "{tmp}/missing.yaml"), subprocess=True),
@@ -436,7 +436,8 @@ def test_the_table_is_large_and_one_third_runs_in_subprocesses():
 
 
 @pytest.mark.parametrize("case", [
-    pytest.param(case, id=case.id, marks=[pytest.mark.xfail(strict=True, reason=case.known_bug)] if case.known_bug else [])
+    pytest.param(case, id=case.id,
+                 marks=[pytest.mark.xfail(strict=True, reason=case.known_bug)] if case.known_bug else [])
     for case in CASES
 ])
 def test_bad_input(case: Case, demo_data, request, tmp_path):

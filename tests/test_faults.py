@@ -66,13 +66,13 @@ RESTART_SAFE_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 class Background:
     """A training process with its stderr in a file (no pipe to fill up); killed on exit if still alive."""
 
-    def __init__(self, args, env, log: Path, new_session: bool = False):
+    def __init__(self, args, env, log: Path):
         self.args = [str(a) for a in args]
         self.log = log
         self._handle = open(log, "w")
         self.begin = time.monotonic()
         self.process = subprocess.Popen(self.args, env=env, stdout=subprocess.DEVNULL, stderr=self._handle,
-                                        stdin=subprocess.DEVNULL, start_new_session=new_session)
+                                        stdin=subprocess.DEVNULL)
 
     @property
     def pid(self) -> int:
@@ -93,10 +93,7 @@ class Background:
 
     def kill(self) -> None:
         if self.process.poll() is None:
-            if self.process.pid and os.getpgid(self.process.pid) == self.process.pid:
-                os.killpg(self.process.pid, signal.SIGKILL)
-            else:
-                self.process.kill()
+            self.process.kill()
             self.process.wait(timeout=30)
         self._handle.close()
 
@@ -256,7 +253,7 @@ def test_sigterm_checkpoints_exits_3_and_the_next_run_resumes(demo_data, tmp_pat
 @pytest.mark.parametrize("fault, message", [
     (signal.SIGSTOP, "timed out after 5 s (a peer died or hung; see dist.timeout_s)"),
     (signal.SIGKILL, "a peer closed the connection"),
-])
+], ids=["hung_peer_sigstop", "dead_peer_sigkill"])
 def test_survivor_of_a_hung_or_dead_peer_exits_with_one_line(fault, message, demo_data, tmp_path):
     """Two ranks started by hand (no torchrun to clean up): rank 1 stops or dies, rank 0 must not hang."""
     out = tmp_path / "run"
