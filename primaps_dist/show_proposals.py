@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from primaps_dist.config import load_config
 from primaps_dist.errors import UserError, run_cli
@@ -25,7 +24,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from primaps_dist.backbones import build_backbone
     from primaps_dist.checkpoint import ensure_writable_dir
     from primaps_dist.crf import make_crf
-    from primaps_dist.primaps import mask_logits
+    from primaps_dist.primaps import mask_logits, upsample_logits
 
     parser = argparse.ArgumentParser(prog="primaps-dist show-proposals", description=__doc__.split("\n\n")[0])
     parser.add_argument("images", nargs="+", help="image files or directories")
@@ -51,7 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 logits = mask_logits(backbone(image), threshold=cfg.proposals.threshold,
                                      coverage=cfg.proposals.coverage, max_masks=cfg.proposals.max_masks,
                                      median_filter=cfg.proposals.median_filter)
-                logits = F.interpolate(logits, size=image.shape[-2:], mode="bilinear", align_corners=False)
+                logits = upsample_logits(logits, image.shape[-2:])  # keeps -inf channels NaN-free
                 if crf_fn is not None:
                     logits = crf_fn(logits, image * 255.0)
             mask_ids = logits.argmax(1)[0].cpu().numpy()
