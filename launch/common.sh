@@ -8,6 +8,9 @@ if [ -x "$VENV/bin/python" ]; then
     export VIRTUAL_ENV="$VENV"
 fi
 export PYTHONUNBUFFERED=1
+# Elastic restarts (--max-restarts, requeue) must not reuse the dead attempt's rendezvous store
+# (pytorch/pytorch#135712: restarts failed with "Connection refused" or hung without this).
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}"
 
 require() {  # require PROGRAM: exit with a hint when it is not installed
     command -v "$1" >/dev/null || { echo "error: $1 not found; set PRIMAPS_VENV or run 'make install'" >&2; exit 2; }

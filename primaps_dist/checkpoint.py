@@ -422,6 +422,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
         if isinstance(err, OSError) and err.errno in (errno.EACCES, errno.EISDIR):
             raise UserError(f"checkpoint {file}: {err.strerror}") from None
         raise UserError(f"checkpoint {file} is not a PyTorch checkpoint ({_first_line(err)})") from None
+    except Exception as err:  # noqa: BLE001 - the legacy unpickler fails on arbitrary bytes in arbitrary ways
+        raise UserError(f"checkpoint {file} is not a PyTorch checkpoint ({type(err).__name__})") from None
     if not isinstance(payload, dict):
         raise UserError(f"checkpoint {file} is not a primaps-dist checkpoint (holds a {type(payload).__name__})")
     missing = [key for key in REQUIRED_KEYS if key not in payload]

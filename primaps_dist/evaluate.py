@@ -93,7 +93,8 @@ def evaluate_prototypes(
     overlays: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     num_images = 0
     loader = make_eval_loader(
-        cfg.data, rank=env.rank, world_size=env.world_size, shards=shards, resize_short=cfg.eval.resize_short
+        cfg.data, rank=env.rank, world_size=env.world_size, shards=shards, resize_short=cfg.eval.resize_short,
+        shards_key="--shards" if shards else None,
     )
     with torch.inference_mode():
         for batch in loader:

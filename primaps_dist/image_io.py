@@ -31,7 +31,7 @@ def read_rgb(path: Path) -> np.ndarray:
     """``uint8 [H, W, 3]``; greyscale, palette and RGBA images are converted. Raises UserError naming the file."""
     try:
         with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
+            return np.array(image.convert("RGB"))  # a writable copy (torch.from_numpy needs one)
     except (UnidentifiedImageError, OSError, ValueError) as err:
         raise UserError(f"{path}: not a readable image ({err.__class__.__name__})") from None
 

@@ -46,10 +46,16 @@ def predict_image(backbone: torch.nn.Module, prototypes: torch.Tensor, image: np
     return logits.argmax(1)[0].cpu().numpy()
 
 
-def output_name(path: Path, root: Path) -> str:
-    """A flat, safe output stem from the image's path relative to the input root."""
+def output_name(path: Path, root: Path, taken: set[str]) -> str:
+    """A flat, safe output stem from the image's path relative to the input root, unique among ``taken``
+    (``x.png`` and ``x.jpg``, or ``a/b.png`` and ``a__b.png``, must not overwrite each other)."""
     relative = path.relative_to(root) if root.is_dir() else Path(path.name)
-    return "__".join(relative.with_suffix("").parts)
+    stem = "__".join(relative.with_suffix("").parts)
+    name, counter = stem, 1
+    while name in taken:
+        name, counter = f"{stem}-{counter}", counter + 1
+    taken.add(name)
+    return name
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -87,6 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out_dir = Path(args.out)
     ckpt.ensure_writable_dir(out_dir, "--out")
     written = failed = 0
+    taken: set[str] = set()
     for path in find_images(root):
         if args.limit and written >= args.limit:
             break
@@ -98,7 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         clusters = predict_image(backbone, prototypes, image, cfg.data.crop_size, device)
         labels = lookup[clusters] if lookup is not None else clusters
-        stem = output_name(path, root)
+        stem = output_name(path, root, taken)
         Image.fromarray(labels.astype(np.uint8)).save(out_dir / f"{stem}.png")
         Image.fromarray(visualize.overlay(image, labels)).save(out_dir / f"{stem}_overlay.jpg", quality=90)
         written += 1

@@ -102,6 +102,9 @@ def inject_fault(step: int, rank: int) -> None:
     if not spec.startswith("kill@") or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
         return
     at, _, who = spec[len("kill@"):].partition(":")
+    if not at.isdigit() or not (who or "0").isdigit():
+        log.warning("ignoring malformed PRIMAPS_FAULT=%r (expected kill@STEP[:RANK])", spec)
+        return
     if step == int(at) and rank == int(who or 0):
         log.warning("fault injection: SIGKILL at step %d", step)
         os.kill(os.getpid(), signal.SIGKILL)
@@ -425,8 +428,12 @@ class Trainer:
                         log.info("step %d/%d %s %.1f img/s | %s", self.step, self.stages.total, stage, rate, split)
                     window_steps, window_images, window_start = 0, 0, time.perf_counter()
                     if stop_now:
-                        self.save()
-                        log.warning("stopped at step %d on request; checkpoint written", self.step)
+                        # Before the PCA finishes there is nothing to keep: a resumed job redoes the PCA.
+                        if self.step >= self.stages.pca_end:
+                            self.save()
+                            log.warning("stopped at step %d on request; checkpoint written", self.step)
+                        else:
+                            log.warning("stopped at step %d on request, during the PCA stage (redone on resume)", self.step)
                         status, exit_code = "KILLED", EXIT_PREEMPTED
                         break
                 if self.step >= self.stages.pca_end and (

@@ -40,5 +40,8 @@ if [ -n "${SLURM_CPUS_PER_TASK:-}" ]; then
 fi
 
 export PYTHONUNBUFFERED=1
+# Elastic restarts (--max-restarts, requeue) must not reuse the dead attempt's rendezvous store
+# (pytorch/pytorch#135712: restarts failed with "Connection refused" or hung without this).
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}"
 
 stamp() { date '+%F %T'; }

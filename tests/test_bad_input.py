@@ -352,12 +352,11 @@ CASES = [
     Case("checkpoint_of_random_bytes", EVALUATE,
          lambda c: ["--checkpoint", str(write_bytes(c, "garbage.pt", np.random.default_rng(3).bytes(4096)))],
          fails("checkpoint {tmp}/garbage.pt is not a PyTorch checkpoint"), subprocess=True),
-    # A text file whose first byte is a pickle opcode (a..e, s, t, ...) makes the weights-only unpickler raise
-    # IndexError/KeyError, which checkpoint.load_checkpoint does not catch.
+    # A text file whose first byte is a pickle opcode (a..e, s, t, ...) makes the unpickler raise IndexError.
     Case("checkpoint_is_a_text_file", EVALUATE,
          lambda c: ["--checkpoint", str(write_text(c, "pointer", "step_000000010\n"))],
          fails("checkpoint {tmp}/pointer is not a PyTorch checkpoint"),
-         known_bug="checkpoint.load_checkpoint lets IndexError/KeyError of the unpickler escape (traceback)"),
+         ),
     Case("checkpoint_missing", PREDICT,
          lambda c: ["--checkpoint", str(c.tmp / "nothing"), "--images", str(c.data.val_images), "--out",
                     str(c.tmp / "pred")],

@@ -456,8 +456,6 @@ def test_predict_outputs_stay_inside_the_output_folder(demo_checkpoint, demo_dat
     assert len(created - {out}) == 2 * len(placed)
 
 
-@pytest.mark.xfail(strict=True, reason="predict.output_name drops the suffix: x.png and x.jpg (or a/b.png and "
-                   "a__b.png) map to the same output and the second silently overwrites the first")
 def test_predict_outputs_of_distinct_images_do_not_collide(demo_checkpoint, demo_data, tmp_path):
     from PIL import Image
 
