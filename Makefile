@@ -7,6 +7,9 @@ TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 DEMO_DIR ?= demo_out
 NPROC ?= 2
+DEMO_DATA_ARGS ?=
+# extra key=value overrides for the demo's train/evaluate (tests use them for a tiny run)
+DEMO_OVERRIDES ?=
 
 .PHONY: install demo demo-data test test-fast bench clean
 
@@ -20,16 +23,21 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo-data: install
-	$(VENV)/bin/primaps-dist make-demo-data --out $(DEMO_DIR)/images
+	$(VENV)/bin/primaps-dist make-demo-data --out $(DEMO_DIR)/images $(DEMO_DATA_ARGS)
 	$(VENV)/bin/primaps-dist make-shards --images $(DEMO_DIR)/images/train/images --labels $(DEMO_DIR)/images/train/labels --out $(DEMO_DIR)/shards/train --shard-size 32 --classes $(DEMO_DIR)/images/classes.json
 	$(VENV)/bin/primaps-dist make-shards --images $(DEMO_DIR)/images/val/images --labels $(DEMO_DIR)/images/val/labels --out $(DEMO_DIR)/shards/val --shard-size 32 --classes $(DEMO_DIR)/images/classes.json
 
 demo: demo-data
-	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m primaps_dist.train --config configs/demo.yaml
+	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m primaps_dist.train --config configs/demo.yaml \
+		data.train_shards=$(DEMO_DIR)/shards/train data.val_shards=$(DEMO_DIR)/shards/val train.output_dir=$(DEMO_DIR)/run \
+		$(DEMO_OVERRIDES)
 	$(VENV)/bin/torchrun --standalone --nproc_per_node=$(NPROC) -m primaps_dist.evaluate --config configs/demo.yaml \
-		--checkpoint $(DEMO_DIR)/run/checkpoints/latest --out $(DEMO_DIR)/run/metrics.json
-	$(VENV)/bin/python -m primaps_dist.predict --config configs/demo.yaml --checkpoint $(DEMO_DIR)/run/checkpoints/latest \
-		--images $(DEMO_DIR)/images/val/images --out $(DEMO_DIR)/predictions --limit 8
+		--checkpoint $(DEMO_DIR)/run/checkpoints/latest --out $(DEMO_DIR)/run/metrics.json \
+		data.train_shards=$(DEMO_DIR)/shards/train data.val_shards=$(DEMO_DIR)/shards/val train.output_dir=$(DEMO_DIR)/run \
+		$(DEMO_OVERRIDES)
+	$(VENV)/bin/python -m primaps_dist.predict --checkpoint $(DEMO_DIR)/run/checkpoints/latest \
+		--images $(DEMO_DIR)/images/val/images --out $(DEMO_DIR)/predictions --limit 8 --assignment $(DEMO_DIR)/run/metrics.json
+	@echo "pictures: $(DEMO_DIR)/run/metrics.json and confusion/per-class IoU/overlay PNGs beside it, $(DEMO_DIR)/run/eval/, $(DEMO_DIR)/predictions/"
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
