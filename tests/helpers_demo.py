@@ -129,7 +129,8 @@ def tiny_train_args(train_shards: str | os.PathLike, output_dir: str | os.PathLi
         "data.shuffle_buffer=0", "data.train_scale=[1.0,1.0]",
         f"train.pca_steps={pca}", f"train.kmeans_steps={kmeans}", f"train.em_steps={em}",
         f"train.output_dir={output_dir}", "train.log_every=1", "checkpoint.every_steps=1",
-        "train.device=cpu", "proposals.max_masks=4", "crf.iterations=2", "tracking.num_overlays=0",
+        "train.device=cpu", "proposals.max_masks=4", "proposals.label_size=0", "crf.iterations=2",
+        "tracking.num_overlays=0",
         f"tracking.enabled={'true' if tracking else 'false'}", "tracking.system_metrics=false",
         *extra,
     ]
