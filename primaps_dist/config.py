@@ -404,6 +404,14 @@ def apply_overrides(cfg: Config, overrides: Sequence[str]) -> Config:
     return cfg
 
 
+def resolve_run_config(stored: dict[str, Any], path: str | os.PathLike | None, overrides: Sequence[str]) -> Config:
+    """The config of a job that reads a checkpoint: ``path`` + overrides when given, else the config
+    ``stored`` in the checkpoint + overrides; validated either way."""
+    if path:
+        return load_config(path, overrides)
+    return apply_overrides(config_from_dict(stored), overrides).validate()
+
+
 def config_from_dict(values: dict[str, Any]) -> Config:
     """Rebuild a Config from :meth:`Config.to_dict` output (e.g. stored in a checkpoint), without file checks."""
     cfg = Config()

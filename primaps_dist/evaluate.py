@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from primaps_dist import checkpoint as ckpt
 from primaps_dist import distributed as dist
-from primaps_dist.config import Config, apply_overrides, config_from_dict, load_config
+from primaps_dist.config import Config, resolve_run_config
 from primaps_dist.errors import UserError, run_cli
 from primaps_dist.metrics import confusion_matrix, hungarian_scores
 
@@ -198,11 +198,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     payload = ckpt.load_checkpoint(args.checkpoint)
-    if args.config:
-        cfg = load_config(args.config, args.overrides)
-    else:
-        cfg = config_from_dict(payload["config"])
-        apply_overrides(cfg, args.overrides).validate()
+    cfg = resolve_run_config(payload["config"], args.config, args.overrides)
     env = dist.init_distributed(cfg.dist, cfg.train.device)
     setup_logging(env.rank)
     try:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from primaps_dist import checkpoint as ckpt
-from primaps_dist.config import apply_overrides, config_from_dict, load_config
+from primaps_dist.config import resolve_run_config
 from primaps_dist.errors import UserError, run_cli
 from primaps_dist.evaluate import prototype_logits
 from primaps_dist.image_io import find_images, pad_to_multiple, read_rgb, resize_short_side, to_tensor
@@ -75,8 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 
     payload = ckpt.load_checkpoint(args.checkpoint)
-    cfg = load_config(args.config, args.overrides) if args.config else apply_overrides(
-        config_from_dict(payload["config"]), args.overrides).validate()
+    cfg = resolve_run_config(payload["config"], args.config, args.overrides)
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu")
     backbone = build_backbone(cfg.backbone, device)
     ckpt.check_compatible(payload, cfg, channels=backbone.out_channels)
