@@ -30,6 +30,7 @@ its own message after ``timeout_s``; it cannot be caught here.
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import re
 import shutil
@@ -302,6 +303,11 @@ def shutdown() -> None:
     global _ENV
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+        # The process group sits in a reference cycle, so its gloo worker threads outlive destroy_process_group
+        # until the next GC. If that is interpreter shutdown, a worker releasing its last tensor needs the GIL,
+        # gets pthread_exit'ed by Python and the process aborts ("terminate called without an active
+        # exception"). Collect now so the threads are joined while the interpreter is still alive.
+        gc.collect()
     _ENV = DistEnv()
 
 

@@ -9,6 +9,7 @@ Scenarios: ``stats`` (PCA, K-means, stats EM), ``ddp`` and ``deepspeed`` (gradie
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -78,6 +79,12 @@ def deepspeed_resume(env, outdir: Path) -> dict:
     }
 
 
+def thread_names() -> list[str]:
+    """Names of this process's threads (Linux), e.g. gloo's ``pt_gloo_runloop`` and ``gloo_tcp_loop``."""
+    tasks = Path("/proc/self/task")
+    return sorted((task / "comm").read_text().strip() for task in tasks.iterdir()) if tasks.is_dir() else []
+
+
 def run_timeout(rank: int, outdir: Path) -> None:
     if rank == 1:
         time.sleep(12.0)  # longer than the 3 s group timeout
@@ -104,7 +111,7 @@ def run_srun(env, outdir: Path) -> None:
 
 def main(argv) -> int:
     scenario, outdir = argv[0], Path(argv[1])
-    if scenario not in ("stats", "ddp", "core", "deepspeed", "timeout", "srun"):
+    if scenario not in ("stats", "ddp", "core", "deepspeed", "timeout", "srun", "shutdown"):
         raise SystemExit(f"unknown scenario {scenario}")
     torch.set_num_threads(1)
     timeout_s = 3.0 if scenario == "timeout" else 60.0
@@ -119,7 +126,16 @@ def main(argv) -> int:
         run_timeout(env.rank, outdir)
     if scenario == "srun":
         run_srun(env, outdir)
+    if scenario == "shutdown":
+        distributed.all_reduce_sum(torch.ones(3))
+        cycle: dict = {"group": torch.distributed.group.WORLD}
+        cycle["self"] = cycle  # keeps the process group alive until a GC, as evaluate's objects did
+        del cycle
+    threads_before_shutdown = thread_names()
     distributed.shutdown()
+    # gloo worker threads still alive at interpreter exit can abort the process (see distributed.shutdown)
+    record = {"before_shutdown": threads_before_shutdown, "after_shutdown": thread_names()}
+    torch.save(record, outdir / f"threads_rank{env.rank}.pt")
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -173,6 +174,15 @@ def test_guard_turns_torch_errors_into_one_line_messages():
         with guard_collective("broadcast"):
             raise RuntimeError("shape mismatch")
     assert not isinstance(info.value, CollectiveError)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs /proc to count threads")
+def test_shutdown_joins_the_process_group_threads():
+    """Regression: gloo threads that outlived shutdown aborted ranks at interpreter exit (SIGABRT in CI)."""
+    for record in utils.load_ranks("shutdown", "threads"):
+        assert any("gloo" in name for name in record["before_shutdown"]), record  # the probe sees gloo threads
+        assert not any("gloo" in name for name in record["after_shutdown"]), record
 
 
 def test_hung_peer_ends_with_clear_error_not_a_hang():
