@@ -34,6 +34,7 @@ NUM_CLASSES = 6
 CROP = 64
 # The demo preset concatenates EfficientNet-Lite0 stages 2 and 3: stride 8, 40 + 112 channels.
 DEMO_STRIDE = 8
+DEMO_CHANNELS = 40 + 112
 
 
 @dataclass(frozen=True)

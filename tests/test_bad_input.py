@@ -34,6 +34,7 @@ import torch
 pytest.register_assert_rewrite("helpers_demo")
 
 from helpers_demo import (  # noqa: E402
+    DEMO_CHANNELS,
     DEMO_CONFIG,
     NUM_CLASSES,
     DemoData,
@@ -55,7 +56,6 @@ pytestmark = pytest.mark.slow
 
 TRAIN, EVALUATE, PREDICT = "primaps_dist.train", "primaps_dist.evaluate", "primaps_dist.predict"
 CLI = "primaps_dist.cli"
-DEMO_CHANNELS = 40 + 112  # EfficientNet-Lite0 stages 2 and 3 (configs/demo.yaml)
 
 
 @dataclass

@@ -11,6 +11,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from helpers_demo import (
+    DEMO_CHANNELS,
     NUM_CLASSES,
     child_env,
     load_checkpoint_file,
@@ -22,8 +23,6 @@ from helpers_demo import (
 
 pytest_plugins = ["helpers_demo"]
 pytestmark = pytest.mark.slow
-
-DEMO_CHANNELS = 152  # EfficientNet-Lite0 stages 2 + 3
 
 
 def _train(tmp_path: Path, demo_data, name: str, *extra: str, nproc: int = 1, em: int = 2, kmeans: int = 2,
