@@ -303,10 +303,11 @@ def shutdown() -> None:
     global _ENV
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-        # The process group sits in a reference cycle, so its gloo worker threads outlive destroy_process_group
-        # until the next GC. If that is interpreter shutdown, a worker releasing its last tensor needs the GIL,
-        # gets pthread_exit'ed by Python and the process aborts ("terminate called without an active
-        # exception"). Collect now so the threads are joined while the interpreter is still alive.
+        # When the process group sits in a reference cycle (it did after an evaluation), its gloo worker
+        # threads outlive destroy_process_group until the next GC. If that is interpreter shutdown, a worker
+        # releasing its last tensor needs the GIL, gets pthread_exit'ed by Python and the process aborts
+        # ("terminate called without an active exception"). Collect now so the threads are joined while the
+        # interpreter is still alive.
         gc.collect()
     _ENV = DistEnv()
 

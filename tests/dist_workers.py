@@ -4,12 +4,13 @@ Each rank writes ``OUTDIR/{stats,ddp,deepspeed,timeout}_rank{R}.pt`` (torch.save
 lists) for the test to compare.
 Scenarios: ``stats`` (PCA, K-means, stats EM), ``ddp`` and ``deepspeed`` (gradient mode), ``core``
 (stats + ddp in one launch, to pay the start-up cost once), ``srun`` (launched by srun, not torchrun), ``timeout``
-(rank 1 hangs; rank 0 must fail with a one-line CollectiveTimeout message, exit status 2).
+(rank 1 hangs; rank 0 must fail with a one-line CollectiveTimeout message, exit status 2), ``shutdown``
+(gloo thread names before and after ``distributed.shutdown``, written to ``threads_rank{R}.pt``).
 """
 
 from __future__ import annotations
 
-import os
+import gc
 import sys
 import time
 from pathlib import Path
@@ -85,6 +86,19 @@ def thread_names() -> list[str]:
     return sorted((task / "comm").read_text().strip() for task in tasks.iterdir()) if tasks.is_dir() else []
 
 
+def run_shutdown(rank: int, outdir: Path) -> None:
+    """Gloo threads alive after shutdown can abort the process at interpreter exit (see distributed.shutdown)."""
+    distributed.all_reduce_sum(torch.ones(3))
+    gc.disable()  # no automatic collection may free the cycle below before shutdown; gc.collect() still works
+    cycle: dict = {"group": torch.distributed.group.WORLD}
+    cycle["self"] = cycle  # keeps the process group alive until a GC, as evaluate's objects did
+    del cycle
+    before = thread_names()
+    distributed.shutdown()
+    gc.enable()
+    torch.save({"before_shutdown": before, "after_shutdown": thread_names()}, outdir / f"threads_rank{rank}.pt")
+
+
 def run_timeout(rank: int, outdir: Path) -> None:
     if rank == 1:
         time.sleep(12.0)  # longer than the 3 s group timeout
@@ -127,15 +141,8 @@ def main(argv) -> int:
     if scenario == "srun":
         run_srun(env, outdir)
     if scenario == "shutdown":
-        distributed.all_reduce_sum(torch.ones(3))
-        cycle: dict = {"group": torch.distributed.group.WORLD}
-        cycle["self"] = cycle  # keeps the process group alive until a GC, as evaluate's objects did
-        del cycle
-    threads_before_shutdown = thread_names()
+        run_shutdown(env.rank, outdir)
     distributed.shutdown()
-    # gloo worker threads still alive at interpreter exit can abort the process (see distributed.shutdown)
-    record = {"before_shutdown": threads_before_shutdown, "after_shutdown": thread_names()}
-    torch.save(record, outdir / f"threads_rank{env.rank}.pt")
     return 0
 
 
