@@ -6,7 +6,8 @@ dense CRF + class prediction and assembly) are timed next to the forward pass of
 images. Target: pseudo labels <= 25 % of the backbone forward. Times are CPU time of this process
 (robust to other load on a shared machine); wall time is printed as well.
 
-    python bench/bench_pseudo_labels.py                        # torch CRF backend
+    python bench/bench_pseudo_labels.py                        # torch CRF backend, crf.downsample default
+    python bench/bench_pseudo_labels.py --crf-downsample 1     # torch CRF, every update at full resolution
     python bench/bench_pseudo_labels.py --crf-backend pydensecrf
     python bench/bench_pseudo_labels.py --crf-backend none     # proposals + assembly only
 """
@@ -28,6 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from primaps_dist.config import CRFConfig  # noqa: E402
 from primaps_dist.primaps import argmax_channels, mask_logits, upsample_logits  # noqa: E402
 from primaps_dist.pseudo_labels import (  # noqa: E402
     _label_groups,
@@ -63,7 +65,7 @@ def photos(batch: int, size: int) -> torch.Tensor:
     return torch.stack([photo(PHOTOS[i % len(PHOTOS)], size) for i in range(batch)])
 
 
-def make_crf(backend: str, iterations: int):
+def make_crf(backend: str, iterations: int, downsample: int = 1):
     if backend == "none":
         return None
     try:
@@ -71,7 +73,8 @@ def make_crf(backend: str, iterations: int):
     except ImportError as error:  # the CRF module is optional for this benchmark
         print(f"primaps_dist.crf not importable ({error}); running without CRF")
         return None
-    return functools.partial(dense_crf, iterations=iterations, backend=backend)
+    downsample = downsample if backend == "torch" else 1  # pydensecrf runs at full resolution
+    return functools.partial(dense_crf, iterations=iterations, backend=backend, downsample=downsample)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--label-size", type=int, default=0, help="pseudo-label side (default: image size)")
     parser.add_argument("--crf-backend", choices=("torch", "pydensecrf", "none"), default="torch")
     parser.add_argument("--crf-iterations", type=int, default=10)
+    parser.add_argument("--crf-downsample", type=int, default=CRFConfig().downsample,
+                        help="crf.downsample of the torch backend (default: the config default)")
     parser.add_argument("--classes", type=int, default=27)
     parser.add_argument("--regions", type=int, default=24, help="planted regions of the proposal features")
     parser.add_argument("--noise", type=float, default=1.0)
@@ -98,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     features = planted_features(args.batch, channels=384, size=args.size // 8, regions=args.regions,
                                 noise=args.noise, seed=0)
     prototypes = F.normalize(torch.randn(args.classes, 384, generator=torch.Generator().manual_seed(0)), dim=1)
-    crf_fn = make_crf(args.crf_backend, args.crf_iterations)
+    crf_fn = make_crf(args.crf_backend, args.crf_iterations, args.crf_downsample)
     size = (args.label_size or args.size,) * 2
 
     vit = timm.create_model("vit_small_patch8_224", pretrained=False, dynamic_img_size=True, num_classes=0).eval()
@@ -125,8 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             for group in _label_groups(counts, size[0] * size[1]):
                 used = 1 + max(1, int(counts[group].max()))
                 with split["upsample"]:
-                    layout = torch.channels_last if crf_fn is None else torch.contiguous_format
-                    scores = upsample_logits(logits[group, :used], size, memory_format=layout)
+                    scores = upsample_logits(logits[group, :used], size, memory_format=torch.channels_last)
                 with split["crf"]:
                     if crf_fn is not None:
                         scores = crf_fn(scores, _resize_images(images[group], size))
@@ -142,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1000 * getattr(clock, kind) / images_done
 
     print(f"{images_done} images of {args.size}x{args.size}, labels {size[0]}x{size[1]}, threads {args.threads}, "
-          f"CRF backend {args.crf_backend if crf_fn else 'none'} ({args.crf_iterations} iterations), "
+          f"CRF backend {args.crf_backend if crf_fn else 'none'} ({args.crf_iterations} iterations"
+          f"{f', downsample {args.crf_downsample}' if crf_fn and args.crf_backend == 'torch' else ''}), "
           f"proposals per image {proposal_counts.tolist()}")
     for kind in ("cpu", "wall"):
         share = 100 * per_image(total, kind) / per_image(backbone, kind)

@@ -141,7 +141,14 @@ class ProposalConfig:
 
 @dataclass
 class CRFConfig:
-    """Dense CRF refinement of proposals (defaults: the reference parameters)."""
+    """Dense CRF refinement of proposals (defaults: the reference parameters, except ``downsample``).
+
+    ``downsample`` (torch backend) runs all but the last mean-field update on a grid that many times
+    coarser per side; 1 runs every update at full resolution like the reference. The default 4 costs
+    about 1/6 of pydensecrf at 320x320 and keeps pseudo-label generation near 20 % of a ViT-S/8 forward
+    on CPU; its argmax agrees with pydensecrf on ~96 % of pixels (2: ~98 %, 1: 99.95 %; the unary alone
+    93 %), and PriMaPs-EM quality on the demo was unchanged within seed noise (docs/quality.md).
+    """
 
     backend: str = "torch"  # torch | pydensecrf | none
     iterations: int = 10
@@ -150,10 +157,17 @@ class CRFConfig:
     bilateral_sxy: float = 67.0
     bilateral_srgb: float = 3.0
     bilateral_weight: float = 4.0
+    downsample: int = 4  # torch backend only; see the class docstring and primaps_dist.crf.dense_crf
 
     def validate(self, prefix: str = "crf") -> None:
         _choice(self.backend, ("torch", "pydensecrf", "none"), f"{prefix}.backend")
         _require(self.iterations >= 1, f"{prefix}.iterations", f"must be >= 1, got {self.iterations}")
+        _require(self.downsample >= 1, f"{prefix}.downsample", f"must be >= 1, got {self.downsample}")
+        _require(
+            self.downsample == 1 or self.backend != "pydensecrf",
+            f"{prefix}.downsample",
+            f"must be 1 with {prefix}.backend=pydensecrf (it runs at full resolution), got {self.downsample}",
+        )
         for name in ("gaussian_sxy", "bilateral_sxy", "bilateral_srgb"):
             value = getattr(self, name)
             _require(value > 0, f"{prefix}.{name}", f"must be > 0, got {value}")

@@ -13,6 +13,9 @@ Two backends compute the model the PriMaPs reference runs through pydensecrf:
   spatial kernel (sxy = 1) is an exact truncated Gaussian applied as a separable depthwise convolution;
   pydensecrf evaluates it with a 2-d lattice whose mean stencil is that Gaussian plus a small ripple,
   the only approximation here (argmax agreement with pydensecrf on 320x320 photos: > 99.9 %).
+  ``downsample=f`` trades boundary detail for speed: all updates but the last run on a grid f times
+  coarser per side, the last one at full resolution (see :func:`_mean_field_torch`); f = 4 is about
+  6x the throughput of pydensecrf on a CPU core at 320x320 with ~96 % argmax agreement.
 * ``"pydensecrf"``: the reference itself, one image at a time on the CPU (needs the ``crf`` extra).
 
 Model (per image; ``Q`` is over labels at every pixel; Potts compatibility as in pydensecrf)::
@@ -352,30 +355,37 @@ class LatticeOperator:
 class GaussianOperator:
     """Spatial Gaussian message ``weight * D^-1/2 G D^-1/2 values`` on ``[B, H, W, C]`` maps.
 
-    ``G`` is an exact, truncated (3 sigma) separable Gaussian of standard deviation ``sxy`` pixels with
-    zero padding, applied as a depthwise convolution; ``D = G 1``. pydensecrf evaluates this kernel with
-    a 2-d permutohedral lattice, whose average stencil is this Gaussian (per-axis variance 0.997 for
+    ``G`` is an exact, truncated (3 sigma) separable Gaussian of standard deviation ``sxy`` pixels (one
+    width, or ``(rows, columns)`` widths when the grid is coarser along one axis) with zero padding,
+    applied as a depthwise convolution; ``D = G 1``. pydensecrf evaluates this kernel with a 2-d
+    permutohedral lattice, whose average stencil is this Gaussian (per-axis variance 0.997 for
     sxy = 1, measured) up to a small position-dependent ripple.
     """
 
-    def __init__(self, height: int, width: int, sxy: float, weight: float, device: torch.device):
-        radius = min(int(math.ceil(3.0 * sxy)), max(height, width) - 1)
-        taps = torch.arange(-radius, radius + 1, dtype=torch.float64, device=device)
-        self._taps = torch.exp(-0.5 * (taps / sxy) ** 2).to(torch.float32)
-        self._radius = radius
+    def __init__(
+        self, height: int, width: int, sxy: float | tuple[float, float], weight: float, device: torch.device
+    ):
+        sigma_rows, sigma_cols = (sxy, sxy) if isinstance(sxy, (int, float)) else sxy
+        self._rows, self._row_radius = self._taps(sigma_rows, height, device)
+        self._cols, self._col_radius = self._taps(sigma_cols, width, device)
         ones = torch.ones(1, 1, height, width, dtype=torch.float32, device=device)
         degree = self._blur(ones)  # [1, 1, H, W]
         norm = torch.rsqrt(degree + 1e-20)
         self._norm_in = norm.permute(0, 2, 3, 1)  # [1, H, W, 1]
         self._norm_out = self._norm_in * weight
 
+    @staticmethod
+    def _taps(sigma: float, length: int, device: torch.device) -> tuple[Tensor, int]:
+        radius = min(int(math.ceil(3.0 * sigma)), length - 1)
+        offsets = torch.arange(-radius, radius + 1, dtype=torch.float64, device=device)
+        return torch.exp(-0.5 * (offsets / sigma) ** 2).to(torch.float32), radius
+
     def _blur(self, maps: Tensor) -> Tensor:
         channels = maps.shape[1]
-        k = self._taps.numel()
-        rows = self._taps.view(1, 1, 1, k).expand(channels, 1, 1, k)
-        cols = self._taps.view(1, 1, k, 1).expand(channels, 1, k, 1)
-        maps = F.conv2d(maps, rows, padding=(0, self._radius), groups=channels)
-        return F.conv2d(maps, cols, padding=(self._radius, 0), groups=channels)
+        along_cols = self._cols.view(1, 1, 1, -1).expand(channels, 1, 1, -1)
+        along_rows = self._rows.view(1, 1, -1, 1).expand(channels, 1, -1, 1)
+        maps = F.conv2d(maps, along_cols, padding=(0, self._col_radius), groups=channels)
+        return F.conv2d(maps, along_rows, padding=(self._row_radius, 0), groups=channels)
 
     def __call__(self, values: Tensor) -> Tensor:
         """``values`` ``[B, H, W, C]`` float32 -> ``[B, H, W, C]`` float32."""
@@ -383,20 +393,28 @@ class GaussianOperator:
         return self._blur(scaled).permute(0, 2, 3, 1) * self._norm_out
 
 
-def _pixel_grid(height: int, width: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Column (x) and row (y) index of every pixel in row-major order, ``[H*W]`` float32 each."""
-    ys = torch.arange(height, dtype=torch.float32, device=device).repeat_interleave(width)
-    xs = torch.arange(width, dtype=torch.float32, device=device).repeat(height)
-    return xs, ys
+def _pixel_grid(height: int, width: int, device: torch.device, full_size: tuple[int, int] | None = None):
+    """Column (x) and row (y) of every cell of a ``height x width`` grid, row-major, ``[H*W]`` float32 each.
+
+    In pixels of the ``full_size`` image the grid covers (default: the grid itself): a cell of a coarser
+    grid sits at the centre of the pixels it averages (``F.interpolate(mode="area")`` cells).
+    """
+    full_height, full_width = full_size or (height, width)
+    ys = (torch.arange(height, dtype=torch.float32, device=device) + 0.5) * (full_height / height) - 0.5
+    xs = (torch.arange(width, dtype=torch.float32, device=device) + 0.5) * (full_width / width) - 0.5
+    return xs.repeat(height), ys.repeat_interleave(width)
 
 
-def _bilateral_operator(images: Tensor, sxy: float, srgb: float, weight: float) -> LatticeOperator:
+def _bilateral_operator(
+    images: Tensor, sxy: float, srgb: float, weight: float, full_size: tuple[int, int] | None = None
+) -> LatticeOperator:
     """One lattice for the whole batch ``images`` ``[B, 3, H, W]`` (image index in the vertex keys).
 
-    Features per pixel, as pydensecrf's ``addPairwiseBilateral``: ``(x/sxy, y/sxy, r/srgb, g/srgb, b/srgb)``.
+    Features per pixel, as pydensecrf's ``addPairwiseBilateral``: ``(x/sxy, y/sxy, r/srgb, g/srgb, b/srgb)``,
+    with ``x, y`` in pixels of the ``full_size`` image when ``images`` is a downsampled copy of it.
     """
     batch, _, height, width = images.shape
-    xs, ys = _pixel_grid(height, width, images.device)
+    xs, ys = _pixel_grid(height, width, images.device, full_size)
     features = torch.empty(5, batch, height * width, dtype=torch.float32, device=images.device)  # [d, N]
     features[0] = xs / sxy
     features[1] = ys / sxy
@@ -421,25 +439,57 @@ def _mean_field_torch(
     bilateral_sxy: float,
     bilateral_srgb: float,
     bilateral_weight: float,
+    downsample: int = 1,
 ) -> Tensor:
-    """Mean-field inference; shapes as :func:`dense_crf`. Runs on the device of ``logits``."""
+    """Mean-field inference; shapes as :func:`dense_crf`. Runs on the device of ``logits``.
+
+    With ``downsample`` f > 1 the first ``iterations - 1`` updates run on a grid f times coarser per
+    side (unary probabilities and colours averaged over each f x f cell, kernel widths in full-image
+    pixels); the messages of the last coarse ``Q`` are upsampled bilinearly and the final update is
+    made at full resolution with the full-resolution unary (so forbidden labels stay forbidden per
+    pixel).
+    """
     batch, labels, height, width = logits.shape
     # Pixel-major [B, H, W, L] (= [N, L]): rows for the sparse products, channels-last for the conv.
-    neg_unary = logits.permute(0, 2, 3, 1).contiguous()
+    # A copy in any case (the softmax below works in place); a plain memcpy for channels-last logits.
+    neg_unary = logits.permute(0, 2, 3, 1).clone(memory_format=torch.contiguous_format)
     forbidden = torch.isneginf(neg_unary)
-    neg_unary = _softmax_last_(neg_unary).clamp_(min=UNARY_CLIP).log_().masked_fill_(forbidden, float("-inf"))
-    q = _softmax_last_(neg_unary.clone())
+    prob = _softmax_last_(neg_unary)
+    grid = (-(-height // downsample), -(-width // downsample))
+    coarse = iterations > 0 and grid != (height, width)
+    if coarse:
+        # Cells average the unary *probabilities*: a label is forbidden in a cell only if it is forbidden
+        # (probability exactly 0) at all of its pixels, so no cell ends up with every label forbidden.
+        cell_prob = F.interpolate(prob.permute(0, 3, 1, 2), size=grid, mode="area").permute(0, 2, 3, 1)
+        grid_unary = cell_prob.clamp(min=UNARY_CLIP).log_().masked_fill_(cell_prob == 0, float("-inf"))
+        grid_images = F.interpolate(images, size=grid, mode="area")
+        neg_unary = prob.clamp(min=UNARY_CLIP).log_().masked_fill_(forbidden, float("-inf"))
+    else:
+        grid_unary = neg_unary = prob.clamp_(min=UNARY_CLIP).log_().masked_fill_(forbidden, float("-inf"))
+        grid_images = images
     gaussian = bilateral = None
     if iterations > 0 and gaussian_weight != 0.0:
-        gaussian = GaussianOperator(height, width, gaussian_sxy, gaussian_weight, logits.device)
+        cell_sxy = (gaussian_sxy * grid[0] / height, gaussian_sxy * grid[1] / width)
+        gaussian = GaussianOperator(grid[0], grid[1], cell_sxy, gaussian_weight, logits.device)
     if iterations > 0 and bilateral_weight != 0.0:
-        bilateral = _bilateral_operator(images, bilateral_sxy, bilateral_srgb, bilateral_weight)
-    for _ in range(iterations):
-        energy = neg_unary.clone() if gaussian is None else gaussian(q).add_(neg_unary)
+        bilateral = _bilateral_operator(
+            grid_images, bilateral_sxy, bilateral_srgb, bilateral_weight, full_size=(height, width)
+        )
+
+    def messages(q: Tensor) -> Tensor:  # [B, h, w, L] -> pairwise energy [B, h, w, L]
+        energy = torch.zeros_like(q) if gaussian is None else gaussian(q)
         if bilateral is not None:
             energy += bilateral(q.view(-1, labels)).view(q.shape)
-        q = _softmax_last_(energy)
-    return q.permute(0, 3, 1, 2).contiguous()
+        return energy
+
+    q = _softmax_last_(grid_unary.clone())
+    for _ in range(iterations - 1 if coarse else iterations):
+        q = _softmax_last_(messages(q).add_(grid_unary))
+    if coarse:
+        upsampled = F.interpolate(messages(q).permute(0, 3, 1, 2), size=(height, width), mode="bilinear",
+                                  align_corners=False)
+        q = _softmax_last_(upsampled.permute(0, 2, 3, 1).add(neg_unary))
+    return q.permute(0, 3, 1, 2)  # [B, L, H, W] in channels-last memory format: no copy
 
 
 # --------------------------------------------------------------------------------------------------
@@ -552,6 +602,7 @@ def dense_crf(
     bilateral_srgb: float = 3.0,
     bilateral_weight: float = 4.0,
     backend: str = "torch",
+    downsample: int = 1,
 ) -> Tensor:
     """Refine per-pixel label scores with a fully connected CRF (mean-field inference).
 
@@ -565,9 +616,16 @@ def dense_crf(
         bilateral_sxy, bilateral_srgb, bilateral_weight: appearance kernel widths (pixels, intensity
             levels) and Potts weight.
         backend: ``"torch"`` (batched, CPU or CUDA) or ``"pydensecrf"`` (reference, CPU, per image).
+        downsample: torch backend only. 1 (default) runs every update at full resolution; f > 1 runs all
+            but the last update on an f-times coarser grid and the last one at full resolution (see
+            :func:`_mean_field_torch`): about f^2 times less work, slightly different boundaries
+            (argmax agreement with pydensecrf on 320x320 photos: ~98 % for f = 2, ~96 % for f = 4).
 
     Returns:
-        ``[B, L, H, W]`` float32 probabilities (sum to 1 over L) on the device of ``logits``.
+        ``[B, L, H, W]`` float32 probabilities (sum to 1 over L) on the device of ``logits``; the torch
+        backend returns them in ``torch.channels_last`` memory format (its working layout; no copy).
+        Channels-last ``logits`` (e.g. ``upsample_logits(..., memory_format=torch.channels_last)``) save a
+        transposing copy on the way in.
     """
     params = dict(
         gaussian_sxy=float(gaussian_sxy),
@@ -578,11 +636,15 @@ def dense_crf(
     )
     if backend not in BACKENDS:
         raise ValueError(f"dense_crf: unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
+    if isinstance(downsample, bool) or not isinstance(downsample, int) or downsample < 1:
+        raise ValueError(f"dense_crf: downsample must be an int >= 1, got {downsample!r}")
+    if backend == "pydensecrf" and downsample != 1:
+        raise ValueError(f"dense_crf: downsample={downsample} needs the torch backend (pydensecrf runs at full resolution)")
     _check_inputs(logits, images, iterations, params)
     if backend == "pydensecrf":
         return _dense_crf_pydensecrf(logits, images, iterations, **params)
     with torch.no_grad():
-        return _mean_field_torch(logits.detach(), images.detach(), iterations, **params)
+        return _mean_field_torch(logits.detach(), images.detach(), iterations, **params, downsample=downsample)
 
 
 def make_crf(
@@ -593,6 +655,7 @@ def make_crf(
     bilateral_sxy: float = 67.0,
     bilateral_srgb: float = 3.0,
     bilateral_weight: float = 4.0,
+    downsample: int = 1,
 ) -> Callable[[Tensor, Tensor], Tensor]:
     """Bind the CRF parameters (the fields of ``config.CRFConfig``) into ``crf_fn(logits, images)``.
 
@@ -615,6 +678,7 @@ def make_crf(
         bilateral_srgb=bilateral_srgb,
         bilateral_weight=bilateral_weight,
         backend=backend,
+        downsample=downsample,
     )
 
 

@@ -206,10 +206,10 @@ def generate(
     images = images.to(device)
     for part in _label_groups(counts, size[0] * size[1]):
         used = 1 + max(1, int(counts[part].max()))  # drop channels no image of this group uses
-        if crf_fn is None:
-            part_logits = upsample_logits(logits[part, :used], size, memory_format=torch.channels_last)
-        else:
-            part_logits = crf_fn(upsample_logits(logits[part, :used], size), _resize_images(images[part], size))
+        # Channels-last throughout: the CRF works pixel-major and argmax_channels reduces over channels.
+        part_logits = upsample_logits(logits[part, :used], size, memory_format=torch.channels_last)
+        if crf_fn is not None:
+            part_logits = crf_fn(part_logits, _resize_images(images[part], size))
         mask_ids[part] = argmax_channels(part_logits)
     classes = predict_classes(features, prototypes, size)
     labels = assemble(mask_ids, classes, prototypes.shape[0], ignore_index=ignore_index)

@@ -45,6 +45,8 @@ def test_overrides_win_over_file_and_parse_yaml_types() -> None:
         ("proposals.threshold=1.5", "proposals.threshold"),
         ("proposals.max_masks=0", "proposals.max_masks"),
         ("crf.backend=gpu", "crf.backend"),
+        ("crf.downsample=0", "crf.downsample"),
+        ("crf.downsample=2.5", "crf.downsample"),
         ("em.mode=magic", "em.mode"),
         ("em.momentum=1.0", "em.momentum"),
         ("train.pca_steps=0", "train.pca_steps"),
@@ -57,6 +59,12 @@ def test_bad_values_name_the_key(override: str, key: str) -> None:
         load_config(REPO / "configs/demo.yaml", [override])
     message = str(info.value)
     assert f"'{key}'" in message and "\n" not in message
+
+
+def test_pydensecrf_backend_needs_full_resolution() -> None:
+    with pytest.raises(ConfigError, match="'crf.downsample'.*must be 1 with crf.backend=pydensecrf"):
+        load_config(REPO / "configs/demo.yaml", ["crf.backend=pydensecrf", "crf.downsample=2"])
+    assert load_config(REPO / "configs/demo.yaml", ["crf.backend=pydensecrf", "crf.downsample=1"]).crf.downsample == 1
 
 
 def test_vit_crop_must_be_multiple_of_patch() -> None:
