@@ -42,6 +42,12 @@ def _require(condition: bool, key: str, problem: str) -> None:
         raise ConfigError(key, problem)
 
 
+def _require_factor(value: int, key: str) -> None:
+    """A resolution factor: an int >= 1 (bool refused, although it is an int)."""
+    _require(isinstance(value, int) and not isinstance(value, bool) and value >= 1, key,
+             f"must be an integer >= 1, got {value!r}")
+
+
 def _choice(value: str, choices: Sequence[str], key: str) -> None:
     _require(value in choices, key, f"must be one of {', '.join(map(repr, choices))}, got {value!r}")
 
@@ -143,11 +149,13 @@ class ProposalConfig:
 class CRFConfig:
     """Dense CRF refinement of proposals (defaults: the reference parameters, except ``downsample``).
 
-    ``downsample`` (torch backend) runs all but the last mean-field update on a grid that many times
-    coarser per side; 1 runs every update at full resolution like the reference. The default 4 costs
-    about 1/6 of pydensecrf at 320x320 and keeps pseudo-label generation near 20 % of a ViT-S/8 forward
-    on CPU; its argmax agrees with pydensecrf on ~96 % of pixels (2: ~98 %, 1: 99.95 %; the unary alone
-    93 %), and PriMaPs-EM quality on the demo was unchanged within seed noise (docs/quality.md).
+    ``downsample`` (torch backend only; pydensecrf always works at full resolution) runs all but the
+    last mean-field update of the pseudo-label CRF on a grid that many times coarser per side; 1 runs
+    every update at full resolution like the reference. The default 4 costs about 1/6 of pydensecrf
+    at 320x320 and keeps pseudo-label generation at about 17 % of a ViT-S/8 forward on CPU; its argmax
+    agrees with pydensecrf on ~96 % of pixels (2: ~98 %, 1: 99.95 %; the unary alone 93 %), and
+    PriMaPs-EM quality on the demo was unchanged within seed noise (docs/quality.md). Aim for a grid
+    about twice the feature grid (320 px pseudo labels, stride 8: 4). ``eval.crf`` has its own factor.
     """
 
     backend: str = "torch"  # torch | pydensecrf | none
@@ -162,12 +170,7 @@ class CRFConfig:
     def validate(self, prefix: str = "crf") -> None:
         _choice(self.backend, ("torch", "pydensecrf", "none"), f"{prefix}.backend")
         _require(self.iterations >= 1, f"{prefix}.iterations", f"must be >= 1, got {self.iterations}")
-        _require(self.downsample >= 1, f"{prefix}.downsample", f"must be >= 1, got {self.downsample}")
-        _require(
-            self.downsample == 1 or self.backend != "pydensecrf",
-            f"{prefix}.downsample",
-            f"must be 1 with {prefix}.backend=pydensecrf (it runs at full resolution), got {self.downsample}",
-        )
+        _require_factor(self.downsample, f"{prefix}.downsample")
         for name in ("gaussian_sxy", "bilateral_sxy", "bilateral_srgb"):
             value = getattr(self, name)
             _require(value > 0, f"{prefix}.{name}", f"must be > 0, got {value}")
@@ -267,12 +270,15 @@ class DistConfig:
 
 @dataclass
 class EvalConfig:
-    crf: bool = False  # refine predictions with the dense CRF
+    crf: bool = False  # refine predictions with the dense CRF (the crf section's parameters)
+    # crf.downsample for that CRF; 1 = full resolution, the reference protocol (speed matters less here)
+    crf_downsample: int = 1
     flip: bool = False  # average features of the image and its horizontal flip
     resize_short: int = 0  # short side before the centre crop (0 = crop size)
 
     def validate(self, prefix: str = "eval") -> None:
         _require(self.resize_short >= 0, f"{prefix}.resize_short", f"must be >= 0, got {self.resize_short}")
+        _require_factor(self.crf_downsample, f"{prefix}.crf_downsample")
 
 
 @dataclass

@@ -68,6 +68,18 @@ def predict(
     return logits.argmax(1)
 
 
+def eval_crf(cfg: Config):
+    """The CRF that ``eval.crf`` asks for (``crf`` section parameters, ``eval.crf_downsample``), or None."""
+    if not cfg.eval.crf:
+        return None
+    from primaps_dist.crf import make_crf
+
+    crf = dataclasses.asdict(cfg.crf)
+    crf["backend"] = cfg.crf.backend if cfg.crf.backend != "none" else "torch"  # eval.crf asks for a CRF
+    crf["downsample"] = cfg.eval.crf_downsample
+    return make_crf(**crf)
+
+
 def evaluate_prototypes(
     cfg: Config,
     env: dist.DistEnv,
@@ -81,13 +93,7 @@ def evaluate_prototypes(
     """Run the protocol on ``shards`` (default ``data.val_shards``); collective: every rank must call it."""
     from primaps_dist.data.loader import make_eval_loader
 
-    crf_fn = None
-    if cfg.eval.crf:
-        from primaps_dist.crf import make_crf
-
-        crf = dataclasses.asdict(cfg.crf)
-        crf["backend"] = cfg.crf.backend if cfg.crf.backend != "none" else "torch"  # eval.crf asks for a CRF
-        crf_fn = make_crf(**crf)
+    crf_fn = eval_crf(cfg)
     K = cfg.data.num_classes
     confusion = torch.zeros(K, K, dtype=torch.int64)
     overlays: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []

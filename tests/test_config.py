@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -9,7 +11,7 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from primaps_dist.config import Config, config_from_dict, flatten, load_config, save_config
+from primaps_dist.config import Config, CRFConfig, config_from_dict, flatten, load_config, save_config
 from primaps_dist.errors import ConfigError, UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,6 +49,7 @@ def test_overrides_win_over_file_and_parse_yaml_types() -> None:
         ("crf.backend=gpu", "crf.backend"),
         ("crf.downsample=0", "crf.downsample"),
         ("crf.downsample=2.5", "crf.downsample"),
+        ("eval.crf_downsample=0", "eval.crf_downsample"),
         ("em.mode=magic", "em.mode"),
         ("em.momentum=1.0", "em.momentum"),
         ("train.pca_steps=0", "train.pca_steps"),
@@ -61,10 +64,21 @@ def test_bad_values_name_the_key(override: str, key: str) -> None:
     assert f"'{key}'" in message and "\n" not in message
 
 
-def test_pydensecrf_backend_needs_full_resolution() -> None:
-    with pytest.raises(ConfigError, match="'crf.downsample'.*must be 1 with crf.backend=pydensecrf"):
-        load_config(REPO / "configs/demo.yaml", ["crf.backend=pydensecrf", "crf.downsample=2"])
-    assert load_config(REPO / "configs/demo.yaml", ["crf.backend=pydensecrf", "crf.downsample=1"]).crf.downsample == 1
+def test_crf_downsample_is_a_torch_setting_and_eval_has_its_own() -> None:
+    from primaps_dist.crf import make_crf
+    from primaps_dist.evaluate import eval_crf
+
+    cfg = load_config(REPO / "configs/demo.yaml", ["crf.backend=pydensecrf"])  # default factor: no error
+    assert cfg.crf.downsample == 2
+    if importlib.util.find_spec("pydensecrf") is not None:
+        assert make_crf(**dataclasses.asdict(cfg.crf)).keywords["downsample"] == 1  # factor unused there
+    cfg = load_config(REPO / "configs/demo.yaml", ["crf.downsample=4", "eval.crf=true"])
+    assert eval_crf(cfg).keywords["downsample"] == 1  # evaluation: full resolution unless asked
+    cfg = load_config(REPO / "configs/demo.yaml", ["eval.crf=true", "eval.crf_downsample=3", "crf.backend=none"])
+    assert eval_crf(cfg).keywords == {**eval_crf(cfg).keywords, "downsample": 3, "backend": "torch"}
+    assert eval_crf(load_config(REPO / "configs/demo.yaml")) is None
+    with pytest.raises(ConfigError, match="'crf.downsample': must be an integer >= 1, got True"):
+        CRFConfig(downsample=True).validate()
 
 
 def test_vit_crop_must_be_multiple_of_patch() -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -307,6 +308,65 @@ def test_coarse_grid_keeps_the_output_contract(downsample):
     for b in range(3):
         alone = dense_crf(logits[b : b + 1], images[b : b + 1], downsample=downsample)
         torch.testing.assert_close(out[b : b + 1], alone, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("downsample, edge", [(2, 31), (4, 30), (4, 34), (4, 33)])
+def test_coarse_grid_places_an_edge_inside_a_cell_within_that_cell(downsample, edge):
+    # An edge inside a cell: that cell averages both colours, and the last (full-resolution) update only
+    # sees upsampled coarse messages, so the boundary may miss the colour edge by up to f - 1 pixels
+    # (measured: f = 4, edge at 33 -> 36; README: the price of downsample).
+    height, width = 48, 64
+    images = torch.zeros(1, 3, height, width)
+    images[..., edge:] = 200.0
+    columns = torch.arange(width, dtype=torch.float32)
+    score = torch.tanh((columns - (edge + 8)) / 12.0) * 0.3
+    logits = torch.stack([-score, score]).view(1, 2, 1, width).expand(1, 2, height, width).contiguous()
+    refined = dense_crf(logits, images, downsample=downsample).argmax(dim=1)[0]  # [H, W]
+    boundary = (refined == 0).sum(dim=1)  # columns labelled 0 per row (the labels are monotone per row)
+    assert torch.equal(refined, (columns >= boundary[:, None]).long())
+    assert (boundary - edge).abs().max() <= downsample - 1, boundary
+    assert (logits.argmax(dim=1)[0] == 0).sum(dim=1).sub(edge).abs().min() >= 8  # the unary was 8 px off
+
+
+def test_gaussian_operator_with_a_width_per_axis_matches_the_dense_kernel():
+    height, width, sigma_rows, sigma_cols = 7, 5, 0.6, 1.7
+    values = torch.rand(2, height, width, 3, generator=torch.Generator().manual_seed(0))
+    ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    dy = (ys.reshape(-1, 1) - ys.reshape(1, -1)).double()
+    dx = (xs.reshape(-1, 1) - xs.reshape(1, -1)).double()
+    kernel = torch.exp(-0.5 * (dy / sigma_rows) ** 2 - 0.5 * (dx / sigma_cols) ** 2)
+    kernel = kernel * (dy.abs() <= math.ceil(3 * sigma_rows)) * (dx.abs() <= math.ceil(3 * sigma_cols))
+    norm = kernel.sum(dim=1).rsqrt()[None, :, None]  # D^-1/2, [1, P, 1]
+    flat = values.double().reshape(2, height * width, 3)
+    expected = 2.5 * norm * torch.einsum("pq,bqc->bpc", kernel, norm * flat)
+    operator = crf.GaussianOperator(height, width, (sigma_rows, sigma_cols), 2.5, torch.device("cpu"))
+    got = operator(values).reshape(2, height * width, 3).double()
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_coarse_grid_scales_the_gaussian_width_per_axis(monkeypatch):
+    widths = []
+    real_operator = crf.GaussianOperator
+
+    def recording_operator(height, width, sxy, weight, device):
+        widths.append(((height, width), sxy))
+        return real_operator(height, width, sxy, weight, device)
+
+    monkeypatch.setattr(crf, "GaussianOperator", recording_operator)
+    logits, images = _random_inputs(batch=1, labels=2, height=17, width=13, seed=6)
+    dense_crf(logits, images, downsample=4, gaussian_sxy=2.0)
+    [((rows, cols), (sigma_rows, sigma_cols))] = widths
+    assert (rows, cols) == (5, 4)
+    assert sigma_rows == pytest.approx(2.0 * 5 / 17) and sigma_cols == pytest.approx(2.0 * 4 / 13)
+
+
+def test_cells_sit_at_the_mean_position_of_their_pixels():
+    # 10 pixels into 3 area cells: windows [0, 4), [3, 7), [6, 10) -> centres 1.5, 4.5, 7.5.
+    xs, ys = crf._pixel_grid(3, 2, torch.device("cpu"), full_size=(10, 8))
+    torch.testing.assert_close(ys, torch.tensor([1.5, 1.5, 4.5, 4.5, 7.5, 7.5]))
+    torch.testing.assert_close(xs, torch.tensor([1.5, 5.5] * 3))
+    positions = torch.arange(10, dtype=torch.float32).view(1, 1, 10, 1).expand(1, 1, 10, 8)
+    torch.testing.assert_close(F.interpolate(positions, size=(3, 2), mode="area")[0, 0, :, 0], ys[::2])
 
 
 def test_coarse_grid_with_zero_or_one_iteration():
