@@ -120,11 +120,8 @@ def torch_build(logits: torch.Tensor, images: torch.Tensor, downsample: int = 1)
     """What :func:`primaps_dist.crf.dense_crf` builds before its iterations (default parameters)."""
     from primaps_dist import crf
 
-    height, width = logits.shape[2:]
-    grid = (-(-height // downsample), -(-width // downsample))
-    grid_images = images if downsample == 1 else F.interpolate(images, size=grid, mode="area")
-    crf.GaussianOperator(grid[0], grid[1], (grid[0] / height, grid[1] / width), 3.0, logits.device)
-    crf._bilateral_operator(grid_images, 67.0, 3.0, 4.0, full_size=(height, width))
+    grid = crf._grid_size(*logits.shape[2:], downsample)
+    crf._pairwise_operators(images, grid, 1.0, 3.0, 67.0, 3.0, 4.0)
 
 
 def pydensecrf_batch(logits: torch.Tensor, images: torch.Tensor) -> torch.Tensor:

@@ -427,6 +427,38 @@ def _bilateral_operator(
     return LatticeOperator(PermutohedralLattice.build(features.view(5, -1).T, num_groups=batch), weight)
 
 
+def _grid_size(height: int, width: int, downsample: int) -> tuple[int, int]:
+    """Rows and columns of the grid ``downsample`` times coarser per side (partial cells count)."""
+    return -(-height // downsample), -(-width // downsample)
+
+
+def _pairwise_operators(
+    images: Tensor,
+    grid: tuple[int, int],
+    gaussian_sxy: float,
+    gaussian_weight: float,
+    bilateral_sxy: float,
+    bilateral_srgb: float,
+    bilateral_weight: float,
+) -> tuple[GaussianOperator | None, LatticeOperator | None]:
+    """The Gaussian and bilateral message operators on ``grid`` for ``images`` ``[B, 3, H, W]``.
+
+    Kernel widths are in pixels of the ``H x W`` images; a coarser grid averages the colours of its
+    cells (area interpolation). A kernel with weight 0 is ``None``.
+    """
+    height, width = images.shape[2:]
+    gaussian = bilateral = None
+    if gaussian_weight != 0.0:
+        cell_sxy = (gaussian_sxy * grid[0] / height, gaussian_sxy * grid[1] / width)
+        gaussian = GaussianOperator(grid[0], grid[1], cell_sxy, gaussian_weight, images.device)
+    if bilateral_weight != 0.0:
+        grid_images = images if grid == (height, width) else F.interpolate(images, size=grid, mode="area")
+        bilateral = _bilateral_operator(
+            grid_images, bilateral_sxy, bilateral_srgb, bilateral_weight, full_size=(height, width)
+        )
+    return gaussian, bilateral
+
+
 def _softmax_last_(energy: Tensor) -> Tensor:
     """In-place softmax over the last (small) dim; much faster than ``torch.softmax`` for ``[..., L]``
     with small L on CPU. Rows that are all ``-inf`` do not occur (checked by :func:`dense_crf`)."""
@@ -461,25 +493,20 @@ def _mean_field_torch(
     forbidden = torch.isneginf(neg_unary)
     # Clipped unary probabilities, exactly 0 where a label is forbidden (log -> -inf there).
     clipped = _softmax_last_(neg_unary).clamp_(min=UNARY_CLIP).masked_fill_(forbidden, 0.0)
-    grid = (-(-height // downsample), -(-width // downsample))
+    grid = _grid_size(height, width, downsample)
     coarse = iterations > 0 and grid != (height, width)
     if coarse:
         # Cells average the clipped probabilities: a label is forbidden in a cell only where it is
         # forbidden at all of the cell's pixels, so no cell ends up with every label forbidden.
         cell_prob = F.interpolate(clipped.permute(0, 3, 1, 2), size=grid, mode="area").permute(0, 2, 3, 1)
         grid_unary = cell_prob.log()
-        grid_images = F.interpolate(images, size=grid, mode="area")
         neg_unary = clipped.log_()
     else:
         grid_unary = neg_unary = clipped.log_()
-        grid_images = images
     gaussian = bilateral = None
-    if iterations > 0 and gaussian_weight != 0.0:
-        cell_sxy = (gaussian_sxy * grid[0] / height, gaussian_sxy * grid[1] / width)
-        gaussian = GaussianOperator(grid[0], grid[1], cell_sxy, gaussian_weight, logits.device)
-    if iterations > 0 and bilateral_weight != 0.0:
-        bilateral = _bilateral_operator(
-            grid_images, bilateral_sxy, bilateral_srgb, bilateral_weight, full_size=(height, width)
+    if iterations > 0:
+        gaussian, bilateral = _pairwise_operators(
+            images, grid, gaussian_sxy, gaussian_weight, bilateral_sxy, bilateral_srgb, bilateral_weight
         )
 
     def messages(q: Tensor) -> Tensor:  # [B, h, w, L] -> pairwise energy [B, h, w, L]
@@ -597,6 +624,11 @@ def _check_inputs(logits: Tensor, images: Tensor, iterations: int, params: dict[
         raise ValueError("dense_crf: images contain NaN or inf")
 
 
+def _check_downsample(caller: str, downsample: int) -> None:
+    if isinstance(downsample, bool) or not isinstance(downsample, int) or downsample < 1:
+        raise ValueError(f"{caller}: downsample must be an int >= 1, got {downsample!r}")
+
+
 def dense_crf(
     logits: Tensor,
     images: Tensor,
@@ -644,8 +676,7 @@ def dense_crf(
     )
     if backend not in BACKENDS:
         raise ValueError(f"dense_crf: unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
-    if isinstance(downsample, bool) or not isinstance(downsample, int) or downsample < 1:
-        raise ValueError(f"dense_crf: downsample must be an int >= 1, got {downsample!r}")
+    _check_downsample("dense_crf", downsample)
     if backend == "pydensecrf" and downsample != 1:
         raise ValueError(f"dense_crf: downsample={downsample} needs the torch backend (pydensecrf runs at full resolution)")
     _check_inputs(logits, images, iterations, params)
@@ -677,8 +708,7 @@ def make_crf(
         return _softmax_only
     if backend not in BACKENDS:
         raise ValueError(f"make_crf: unknown backend {backend!r} (choose from none, {', '.join(BACKENDS)})")
-    if isinstance(downsample, bool) or not isinstance(downsample, int) or downsample < 1:
-        raise ValueError(f"make_crf: downsample must be an int >= 1, got {downsample!r}")
+    _check_downsample("make_crf", downsample)
     if backend == "pydensecrf":
         _import_pydensecrf()
         downsample = 1  # pydensecrf works at full resolution; the factor is a torch-backend setting
