@@ -15,7 +15,6 @@ images. Target: pseudo labels <= 25 % of the backbone forward. Times are CPU tim
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import sys
 import time
@@ -66,15 +65,10 @@ def photos(batch: int, size: int) -> torch.Tensor:
 
 
 def make_crf(backend: str, iterations: int, downsample: int = 1):
-    if backend == "none":
-        return None
-    try:
-        from primaps_dist.crf import dense_crf
-    except ImportError as error:  # the CRF module is optional for this benchmark
-        print(f"primaps_dist.crf not importable ({error}); running without CRF")
-        return None
-    downsample = downsample if backend == "torch" else 1  # pydensecrf runs at full resolution
-    return functools.partial(dense_crf, iterations=iterations, backend=backend, downsample=downsample)
+    """``crf_fn`` of the pipeline, or None for ``backend="none"`` (no CRF step at all)."""
+    from primaps_dist.crf import make_crf as make_crf_fn  # pydensecrf ignores downsample there
+
+    return None if backend == "none" else make_crf_fn(backend, iterations=iterations, downsample=downsample)
 
 
 def main(argv: list[str] | None = None) -> int:
