@@ -118,10 +118,11 @@ def timed(fn, repeats: int, device: torch.device = torch.device("cpu")) -> tuple
 
 def torch_build(logits: torch.Tensor, images: torch.Tensor, downsample: int = 1) -> None:
     """What :func:`primaps_dist.crf.dense_crf` builds before its iterations (default parameters)."""
-    from primaps_dist import crf
+    from primaps_dist.crf import grid_size, pairwise_operators
 
-    grid = crf._grid_size(*logits.shape[2:], downsample)
-    crf._pairwise_operators(images, grid, 1.0, 3.0, 67.0, 3.0, 4.0)
+    grid = grid_size(*logits.shape[2:], downsample)
+    pairwise_operators(images, grid, gaussian_sxy=1.0, gaussian_weight=3.0, bilateral_sxy=67.0, bilateral_srgb=3.0,
+                       bilateral_weight=4.0)
 
 
 def pydensecrf_batch(logits: torch.Tensor, images: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from primaps_dist.config import CRFConfig  # noqa: E402
+from primaps_dist.crf import crf_from_config  # noqa: E402
 from primaps_dist.primaps import argmax_channels, mask_logits, upsample_logits  # noqa: E402
 from primaps_dist.pseudo_labels import (  # noqa: E402
     _label_groups,
@@ -64,13 +65,6 @@ def photos(batch: int, size: int) -> torch.Tensor:
     return torch.stack([photo(PHOTOS[i % len(PHOTOS)], size) for i in range(batch)])
 
 
-def make_crf(backend: str, iterations: int, downsample: int = 1):
-    """``crf_fn`` of the pipeline, or None for ``backend="none"`` (no CRF step at all)."""
-    from primaps_dist.crf import make_crf as make_crf_fn  # pydensecrf ignores downsample there
-
-    return None if backend == "none" else make_crf_fn(backend, iterations=iterations, downsample=downsample)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=4)
@@ -97,7 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     features = planted_features(args.batch, channels=384, size=args.size // 8, regions=args.regions,
                                 noise=args.noise, seed=0)
     prototypes = F.normalize(torch.randn(args.classes, 384, generator=torch.Generator().manual_seed(0)), dim=1)
-    crf_fn = make_crf(args.crf_backend, args.crf_iterations, args.crf_downsample)
+    # The pipeline's CRF step (None for backend none); pydensecrf ignores the downsample factor.
+    crf_fn = crf_from_config(CRFConfig(backend=args.crf_backend, iterations=args.crf_iterations,
+                                       downsample=args.crf_downsample))
     size = (args.label_size or args.size,) * 2
 
     vit = timm.create_model("vit_small_patch8_224", pretrained=False, dynamic_img_size=True, num_classes=0).eval()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import builtins
 import importlib.util
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from primaps_dist import crf
-from primaps_dist.crf import PermutohedralLattice, dense_crf, make_crf
+from primaps_dist.crf import PermutohedralLattice, crf_from_config, dense_crf, make_crf
 from primaps_dist.errors import UserError
 
 HAVE_PYDENSECRF = importlib.util.find_spec("pydensecrf") is not None
@@ -352,7 +353,7 @@ def test_coarse_grid_scales_the_gaussian_width_per_axis(monkeypatch):
         widths.append(((height, width), sxy))
         return real_operator(height, width, sxy, weight, device)
 
-    monkeypatch.setattr(crf, "GaussianOperator", recording_operator)
+    monkeypatch.setattr(crf.operators, "GaussianOperator", recording_operator)  # where pairwise_operators looks
     logits, images = _random_inputs(batch=1, labels=2, height=17, width=13, seed=6)
     dense_crf(logits, images, downsample=4, gaussian_sxy=2.0)
     [((rows, cols), (sigma_rows, sigma_cols))] = widths
@@ -362,7 +363,7 @@ def test_coarse_grid_scales_the_gaussian_width_per_axis(monkeypatch):
 
 def test_cells_sit_at_the_mean_position_of_their_pixels():
     # 10 pixels into 3 area cells: windows [0, 4), [3, 7), [6, 10) -> centres 1.5, 4.5, 7.5.
-    xs, ys = crf._pixel_grid(3, 2, torch.device("cpu"), full_size=(10, 8))
+    xs, ys = crf.pixel_grid(3, 2, torch.device("cpu"), full_size=(10, 8))
     torch.testing.assert_close(ys, torch.tensor([1.5, 1.5, 4.5, 4.5, 7.5, 7.5]))
     torch.testing.assert_close(xs, torch.tensor([1.5, 5.5] * 3))
     positions = torch.arange(10, dtype=torch.float32).view(1, 1, 10, 1).expand(1, 1, 10, 8)
@@ -453,3 +454,54 @@ def test_make_crf_binds_the_config_fields():
     torch.testing.assert_close(none_fn(logits, images), torch.softmax(logits, dim=1))
     with pytest.raises(ValueError, match="unknown backend 'fast'"):
         make_crf(backend="fast")
+
+
+def test_crf_from_config_returns_none_for_backend_none_unless_forced():
+    from primaps_dist.config import CRFConfig
+
+    logits, images = _random_inputs(height=16, width=16, seed=7)
+    assert crf_from_config(CRFConfig(backend="none")) is None
+    configured = crf_from_config(CRFConfig(iterations=3))  # the config's downsample (4)
+    assert torch.equal(configured(logits, images), dense_crf(logits, images, iterations=3, downsample=4))
+    full = crf_from_config(CRFConfig(iterations=3), downsample=1)  # eval.crf_downsample replaces it
+    assert torch.equal(full(logits, images), dense_crf(logits, images, iterations=3))
+    assert not torch.equal(full(logits, images), configured(logits, images))
+    forced = crf_from_config(CRFConfig(backend="none", iterations=3), downsample=2, force=True)
+    assert torch.equal(forced(logits, images), dense_crf(logits, images, iterations=3, downsample=2))
+    with pytest.raises(ValueError, match="unknown backend 'fast'"):
+        crf_from_config(CRFConfig(backend="fast"))
+
+
+def test_pipeline_code_builds_its_crf_only_through_crf_from_config():
+    # One home for the meaning of crf.backend: no caller outside primaps_dist/crf tests it or calls make_crf.
+    root = Path(__file__).resolve().parents[1]
+    offenders = []
+    for path in [*(root / "primaps_dist").rglob("*.py"), *(root / "bench").glob("*.py")]:
+        if "crf" in path.relative_to(root).parts[:2]:
+            continue
+        text = path.read_text()
+        if re.search(r"backend\s*[!=]=\s*[\"']none[\"']|\bmake_crf\(", text):
+            offenders.append(str(path.relative_to(root)))
+    assert offenders == []
+
+
+def test_benchmark_set_up_equals_what_dense_crf_builds(monkeypatch):
+    # bench_crf times crf.grid_size + crf.pairwise_operators as "the set-up": the same operators as dense_crf's.
+    built = []
+    real = crf.operators.pairwise_operators
+
+    def recording(*args, **kwargs):
+        built.append(real(*args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(crf.mean_field, "pairwise_operators", recording)
+    logits, images = _random_inputs(batch=2, labels=3, height=20, width=12, seed=8)
+    dense_crf(logits, images, downsample=2)
+    gaussian, bilateral = crf.pairwise_operators(
+        images, crf.grid_size(20, 12, 2), gaussian_sxy=1.0, gaussian_weight=3.0, bilateral_sxy=67.0,
+        bilateral_srgb=3.0, bilateral_weight=4.0,
+    )
+    [(used_gaussian, used_bilateral)] = built
+    q = torch.rand(2, 10, 6, 3, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(gaussian(q), used_gaussian(q))
+    assert torch.equal(bilateral(q.view(-1, 3)), used_bilateral(q.view(-1, 3)))
