@@ -12,7 +12,6 @@ given is the one reported: evaluation never selects checkpoints.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import sys
@@ -72,12 +71,10 @@ def eval_crf(cfg: Config):
     """The CRF that ``eval.crf`` asks for (``crf`` section parameters, ``eval.crf_downsample``), or None."""
     if not cfg.eval.crf:
         return None
-    from primaps_dist.crf import make_crf
+    from primaps_dist.crf import crf_from_config
 
-    crf = dataclasses.asdict(cfg.crf)
-    crf["backend"] = cfg.crf.backend if cfg.crf.backend != "none" else "torch"  # eval.crf asks for a CRF
-    crf["downsample"] = cfg.eval.crf_downsample
-    return make_crf(**crf)
+    # eval.crf asks for a CRF: force=True gives the torch backend where crf.backend is none.
+    return crf_from_config(cfg.crf, downsample=cfg.eval.crf_downsample, force=True)
 
 
 def evaluate_prototypes(

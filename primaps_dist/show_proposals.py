@@ -7,7 +7,6 @@ parameters and CRF. Images are resized (short side = ``data.crop_size``) and cen
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -23,7 +22,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from primaps_dist import visualize
     from primaps_dist.backbones import build_backbone
     from primaps_dist.checkpoint import ensure_writable_dir
-    from primaps_dist.crf import make_crf
+    from primaps_dist.crf import crf_from_config
     from primaps_dist.primaps import mask_logits, upsample_logits
 
     parser = argparse.ArgumentParser(prog="primaps-dist show-proposals", description=__doc__.split("\n\n")[0])
@@ -38,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = load_config(args.config, args.overrides)
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu")
     backbone = build_backbone(cfg.backbone, device)
-    crf_fn = None if cfg.crf.backend == "none" else make_crf(**dataclasses.asdict(cfg.crf))
+    crf_fn = crf_from_config(cfg.crf)  # None for crf.backend=none
     out_dir = Path(args.out)
     ensure_writable_dir(out_dir, "--out")
     count = 0

@@ -18,7 +18,6 @@ head/optimizer state, each rank's data-stream position and RNG states, and the M
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import logging
 import math
@@ -37,7 +36,7 @@ from primaps_dist import checkpoint as ckpt
 from primaps_dist import distributed as dist
 from primaps_dist.backbones import build_backbone
 from primaps_dist.config import Config, flatten, load_config, save_config
-from primaps_dist.crf import make_crf
+from primaps_dist.crf import crf_from_config
 from primaps_dist.data.loader import collect_state, make_train_loader
 from primaps_dist.em import gradient as em_gradient
 from primaps_dist.em.kmeans import assign
@@ -179,7 +178,7 @@ class Trainer:
                 f"config key 'data.crop_size': {cfg.data.crop_size} is not a multiple of the backbone stride "
                 f"{self.backbone.stride} ({cfg.backbone.name})"
             )
-        self.crf_fn = None if cfg.crf.backend == "none" else make_crf(**dataclasses.asdict(cfg.crf))
+        self.crf_fn = crf_from_config(cfg.crf)  # None for crf.backend=none
         self.covariance = CovarianceAccumulator(self.C)
         self.state = PrototypeState(self.K, self.C)
         self.engine: em_gradient.GradientEngine | None = None
