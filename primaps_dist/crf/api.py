@@ -89,7 +89,7 @@ def dense_crf(
 
     Args:
         logits: ``[B, L, H, W]`` float32 log-probabilities or unnormalised logits. ``-inf`` marks a label
-            as unused at that pixel; it gets probability exactly 0 (see the module docstring).
+            as unused at that pixel; it gets probability exactly 0 (see the package docstring, :mod:`primaps_dist.crf`).
         images: ``[B, 3, H, W]`` float32 RGB in 0..255 (not normalised), same device, B, H and W.
             Other dtypes are rejected: convert uint8 with ``images.float()``; float64 with ``.float()``.
         iterations: mean-field steps (0 returns the unary softmax, as pydensecrf does).
