@@ -4,6 +4,9 @@
 upsampling to the label size -> optional dense CRF -> ``argmax`` (mask id per pixel, 0 = background)
 -> every proposal takes the most frequent prototype class among its pixels. Everything is batched;
 the only loops are over memory-bounded chunks of images in the label-resolution stages.
+
+Along the way ``generate`` records label-free health statistics (:class:`ProposalStats`) from tensors it
+has anyway: they stay on the device, and nothing here reads them back to the host.
 """
 
 from __future__ import annotations
@@ -14,9 +17,11 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from primaps_dist.primaps import argmax_channels, mask_logits, upsample_logits
+# The private pair behind ``mask_logits``: the raw proposal maps (before the median filter) are needed for
+# the proposal-size statistics, and ``mask_logits`` does not return them.
+from primaps_dist.primaps import _logits_from_maps, _proposal_maps, argmax_channels, upsample_logits
 
-__all__ = ["PseudoLabels", "assemble", "predict_classes", "generate"]
+__all__ = ["ProposalStats", "PseudoLabels", "assemble", "predict_classes", "generate", "proposal_stats_on_grid"]
 
 # Upper bound on elements of one label-resolution [chunk, channels, H, W] float tensor (~256 MB).
 _CHUNK_ELEMENTS = 64 * 1024 * 1024
@@ -27,6 +32,26 @@ CrfFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
+class ProposalStats:
+    """Label-free health statistics of one batch (tensors on the batch's device; no host sync).
+
+    proposals: [B] int64 proposals per image made by the PriMaPs loop.
+    proposal_cells: [B] int64 feature cells those proposals cover, before the median filter
+        (``proposal_cells / proposals`` is the mean proposal size in cells).
+    kept_cells: [B] int64 feature cells that a proposal still labels after post-processing (3x3 median
+        filter and the background channel: the pre-CRF argmax on the feature grid is a proposal).
+    coverage_pre_crf: [B] float32 fraction of label pixels whose pre-CRF argmax is a proposal.
+    coverage_post_crf: [B] float32 fraction of label pixels that get a pseudo label (after the CRF).
+    """
+
+    proposals: torch.Tensor
+    proposal_cells: torch.Tensor
+    kept_cells: torch.Tensor
+    coverage_pre_crf: torch.Tensor
+    coverage_post_crf: torch.Tensor
+
+
+@dataclass
 class PseudoLabels:
     """Output of :func:`generate`.
 
@@ -34,11 +59,13 @@ class PseudoLabels:
     mask_ids: [B, H', W'] int64 proposal id per pixel after CRF + argmax (0 = background).
     num_proposals: [B] int64 number of PriMaPs proposals per image (before the CRF; a proposal can
         lose all its pixels in the CRF / argmax).
+    stats: label-free health statistics of the batch (:class:`ProposalStats`).
     """
 
     labels: torch.Tensor
     mask_ids: torch.Tensor
     num_proposals: torch.Tensor
+    stats: ProposalStats
 
 
 def _chunks(batch: int, per_image: int) -> list[slice]:
@@ -151,6 +178,19 @@ def predict_classes(features: torch.Tensor, prototypes: torch.Tensor, size: tupl
     return out
 
 
+def proposal_stats_on_grid(raw_ids: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Feature cells with a proposal before and after post-processing, per image.
+
+    Args:
+        raw_ids: [B, h, w] int64 proposal id per feature cell from the PriMaPs loop (0 = none).
+        logits: [B, 1 + M, h, w] post-processed log-probabilities (channel 0 = background).
+
+    Returns:
+        ([B] int64 cells with a raw proposal, [B] int64 cells whose argmax over ``logits`` is a proposal).
+    """
+    return (raw_ids > 0).sum(dim=(1, 2)), (argmax_channels(logits) > 0).sum(dim=(1, 2))
+
+
 def _resize_images(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """[B, 3, H, W] in 0..1 -> float32 [B, 3, size] in 0..255 (bilinear with antialias if shrinking)."""
     images = images.to(torch.float32)
@@ -196,21 +236,32 @@ def generate(
     size = tuple(images.shape[-2:]) if label_size is None else (int(label_size[0]), int(label_size[1]))
     if min(size) < 1:
         raise ValueError(f"label_size must be positive, got {size}")
-    logits = mask_logits(
-        features, threshold=threshold, coverage=coverage, max_masks=max_masks, median_filter=median_filter
-    )
-    counts = torch.isfinite(logits[:, 1:, 0, 0]).sum(dim=1)  # used proposal channels are finite
+    # = mask_logits(...), keeping the raw proposal maps for the statistics.
+    raw_ids, raw_values, counts = _proposal_maps(features, threshold, coverage, max_masks)
+    logits = _logits_from_maps(raw_ids, raw_values, counts, median_filter)
     batch = features.shape[0]
     device = features.device
     mask_ids = torch.empty(batch, *size, dtype=torch.int64, device=device)
+    coverage_pre_crf = torch.empty(batch, dtype=torch.float32, device=device)
     images = images.to(device)
     for part in _label_groups(counts, size[0] * size[1]):
         used = 1 + max(1, int(counts[part].max()))  # drop channels no image of this group uses
         # Channels-last throughout: the CRF works pixel-major and argmax_channels reduces over channels.
         part_logits = upsample_logits(logits[part, :used], size, memory_format=torch.channels_last)
         if crf_fn is not None:
+            coverage_pre_crf[part] = _labelled_fraction(argmax_channels(part_logits))
             part_logits = crf_fn(part_logits, _resize_images(images[part], size))
         mask_ids[part] = argmax_channels(part_logits)
+    coverage_post_crf = _labelled_fraction(mask_ids)
+    if crf_fn is None:
+        coverage_pre_crf = coverage_post_crf
     classes = predict_classes(features, prototypes, size)
     labels = assemble(mask_ids, classes, prototypes.shape[0], ignore_index=ignore_index)
-    return PseudoLabels(labels=labels, mask_ids=mask_ids, num_proposals=counts)
+    cells, kept = proposal_stats_on_grid(raw_ids, logits)
+    stats = ProposalStats(counts, cells, kept, coverage_pre_crf, coverage_post_crf)
+    return PseudoLabels(labels=labels, mask_ids=mask_ids, num_proposals=counts, stats=stats)
+
+
+def _labelled_fraction(mask_ids: torch.Tensor) -> torch.Tensor:
+    """[b, H, W] proposal ids -> [b] float32 fraction of pixels with a proposal (id > 0)."""
+    return (mask_ids > 0).flatten(1).to(torch.float32).mean(dim=1)

@@ -38,6 +38,7 @@ from primaps_dist.backbones import build_backbone
 from primaps_dist.config import Config, flatten, load_config, save_config
 from primaps_dist.crf import crf_from_config
 from primaps_dist.data.loader import collect_state, make_train_loader
+from primaps_dist.diagnostics import DiagnosticsWindow, HealthMonitor
 from primaps_dist.em import gradient as em_gradient
 from primaps_dist.em.kmeans import assign
 from primaps_dist.em.pca import CovarianceAccumulator
@@ -188,6 +189,8 @@ class Trainer:
         self.skipped_total = 0
         self.baseline_prototypes: torch.Tensor | None = None  # K-means result, kept to report the baseline
         self.mlflow_run_id: str | None = None
+        self.diagnostics = DiagnosticsWindow()  # label-free pseudo-label health, read once per logging step
+        self.health = HealthMonitor(cfg.proposals.median_filter)
 
     # -- checkpoints -------------------------------------------------------------------------------------
 
@@ -289,7 +292,8 @@ class Trainer:
             label_size=(label_size, label_size),
         )
         timer.lap("proposals", self.device)
-        metrics = {"proposals_per_image": float(pseudo.num_proposals.float().mean())}
+        self.diagnostics.add(pseudo.stats)  # device tensors: no host sync until the logging step
+        metrics: dict[str, float] = {}
         if cfg.em.mode == "stats":
             # Statistics live at the feature grid: pseudo labels are sampled at patch centres. "nearest-exact"
             # reads the pixel at (i + 0.5) * scale; plain "nearest" reads i * scale, the top-left corner of
@@ -414,8 +418,12 @@ class Trainer:
                     elapsed = time.perf_counter() - window_start
                     rate = window_images * env.world_size / max(elapsed, 1e-9)
                     times = timer.pop()
+                    diagnostics = self.diagnostics.pop()
+                    if self.master:
+                        self.health.check(diagnostics, self.step)
                     metrics = {
                         **metrics,
+                        **diagnostics,
                         "images_per_s": rate,
                         "skipped_samples": float(self.skipped_total),
                         **{f"time/{name}": seconds / window_steps for name, seconds in times.items()},
