@@ -313,6 +313,7 @@ class Trainer:
             loss, counts = self.engine.step(student_features, pseudo.labels)
             self.state.set_prototypes(self.engine.teacher_prototypes())
             metrics.update({"em/loss": loss, "class_usage_entropy": class_usage_entropy(counts)})
+            metrics.update(self.engine.last_metrics)  # focal-weight spread and head gains
         return metrics
 
     def final_evaluation(self, tracker: Tracker) -> None:

@@ -1,4 +1,4 @@
-"""Gradient mode: cosine head, focal class-weighted CE, momentum prototypes, student view, engines."""
+"""Gradient mode: weight-normalised head, focal class-weighted CE, momentum prototypes, student view, engines."""
 
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from primaps_dist.em.gradient import (
     make_engine,
     make_head_engine,
     photometric_view,
+    step_metrics,
 )
 from primaps_dist.errors import UserError
 
@@ -81,21 +82,128 @@ def test_focal_weights_are_detached():
     assert logits.grad is not None and torch.isfinite(logits.grad).all()
 
 
-def test_head_gives_cosine_logits():
+def _torch_weight_norm_conv(directions: torch.Tensor, gains: torch.Tensor) -> torch.nn.Module:
+    """Independent oracle: torch's own weight norm (dim 0) on a bias-free 1x1 conv, v and g set by hand."""
+    conv = torch.nn.Conv2d(directions.shape[1], directions.shape[0], 1, bias=False)
+    conv = torch.nn.utils.parametrizations.weight_norm(conv, name="weight", dim=0)
+    with torch.no_grad():
+        conv.parametrizations.weight.original1.copy_(directions[:, :, None, None])  # v
+        conv.parametrizations.weight.original0.copy_(gains[:, None, None, None])  # g
+    return conv
+
+
+def test_head_is_a_weight_normalised_conv_on_raw_features():
     prototypes = torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 1.0]])
     head = PrototypeHead(prototypes)
-    features = torch.randn(2, 3, 4, 5)
+    torch.testing.assert_close(head.gain, torch.ones(2))  # gain starts at 1 (the reference's weight_g = 1)
+    features = 40.0 * torch.randn(2, 3, 4, 5, generator=torch.Generator().manual_seed(0))
     logits = head(features)
     assert logits.shape == (2, 2, 4, 5)
-    normed = torch.nn.functional.normalize(features, dim=1)
-    expected = torch.einsum("bchw,kc->bkhw", normed, torch.nn.functional.normalize(prototypes, dim=1))
-    torch.testing.assert_close(logits, expected)
+    oracle = _torch_weight_norm_conv(prototypes, torch.ones(2))
+    torch.testing.assert_close(logits, oracle(features).detach(), rtol=1e-5, atol=1e-4)
+    # Logits are NOT cosines: they scale with the feature norm (the logit scale is ||f||).
+    cosines = torch.einsum(
+        "bchw,kc->bkhw", torch.nn.functional.normalize(features, dim=1), torch.nn.functional.normalize(prototypes, dim=1)
+    )
+    torch.testing.assert_close(logits, cosines * features.norm(dim=1, keepdim=True), rtol=1e-5, atol=1e-4)
+    assert logits.abs().max() > 10.0
+    torch.testing.assert_close(head(3.0 * features), 3.0 * logits, rtol=1e-5, atol=1e-4)
     with torch.no_grad():
-        head.weight.mul_(5.0)
-    torch.testing.assert_close(head(features), expected)  # scale of the weight does not matter
-    torch.testing.assert_close(head.prototypes().norm(dim=1), torch.ones(2))
+        head.weight.mul_(5.0)  # weight norm: the length of v does not matter ...
+        head.gain.copy_(torch.tensor([0.5, 2.0]))  # ... g does, per class
+    torch.testing.assert_close(head(features), oracle(features).detach() * torch.tensor([0.5, 2.0]).view(1, 2, 1, 1),
+                               rtol=1e-5, atol=1e-4)
+    oracle_scaled = _torch_weight_norm_conv(5.0 * prototypes, torch.tensor([0.5, 2.0]))
+    torch.testing.assert_close(head(features), oracle_scaled(features).detach(), rtol=1e-5, atol=1e-4)
+    # Prototypes are the unit directions; the gain is not part of them.
+    torch.testing.assert_close(head.prototypes(), torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.5**0.5, 0.5**0.5]]))
     with pytest.raises(ValueError, match="features must be"):
         head(torch.randn(2, 4, 3, 3))
+
+
+def test_head_gradients_follow_weight_norm():
+    """Weight norm: the gradient on v is orthogonal to v (only the direction learns there); g gets the rest."""
+    generator = torch.Generator().manual_seed(1)
+    head = PrototypeHead(torch.randn(4, 8, generator=generator))
+    features = 30.0 * torch.randn(3, 8, 5, 5, generator=generator)
+    labels = torch.randint(0, 4, (3, 5, 5), generator=generator)
+    focal_class_weighted_ce(head(features), labels, gamma=2.0).backward()
+    along_v = (head.weight.grad * head.weight.detach()).sum(dim=1)
+    assert along_v.abs().max() < 1e-5 * head.weight.grad.norm()
+    assert head.gain.grad is not None and head.gain.grad.abs().min() > 0
+    oracle = _torch_weight_norm_conv(head.weight.detach(), torch.ones(4))
+    focal_class_weighted_ce(oracle(features), labels, gamma=2.0).backward()
+    torch.testing.assert_close(head.gain.grad, oracle.parametrizations.weight.original0.grad.flatten(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(head.weight.grad, oracle.parametrizations.weight.original1.grad[:, :, 0, 0],
+                               rtol=1e-4, atol=1e-6)
+
+
+def test_upsampled_logits_equal_logits_of_upsampled_features():
+    """The head is linear in f, so upsampling logits (cheap, K channels) equals the reference's order."""
+    head = PrototypeHead(torch.randn(3, 6, generator=torch.Generator().manual_seed(2)))
+    features = 20.0 * torch.randn(2, 6, 5, 7, generator=torch.Generator().manual_seed(3))
+    up = lambda t: torch.nn.functional.interpolate(t, size=(10, 14), mode="bilinear", align_corners=False)  # noqa: E731
+    torch.testing.assert_close(up(head(features)), head(up(features)), rtol=1e-5, atol=1e-4)
+
+
+def _peaked_batch(scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Prototypes ``[3, 16]``, features ``[4, 16, 8, 8]`` of norm ``scale`` near their class's prototype,
+    labels with class shares 3/4, 3/16, 1/16 (a frequent, a middle and a rare class)."""
+    generator = torch.Generator().manual_seed(4)
+    prototypes = torch.nn.functional.normalize(torch.randn(3, 16, generator=generator), dim=1)
+    shares = torch.tensor([48, 12, 4])
+    ids = torch.repeat_interleave(torch.arange(3), shares)
+    ids = ids[torch.randperm(64, generator=generator)].reshape(8, 8).repeat(4, 1, 1)  # [4, 8, 8]
+    noisy = prototypes[ids] + 0.15 * torch.randn(4, 8, 8, 16, generator=generator)
+    features = scale * torch.nn.functional.normalize(noisy, dim=-1).permute(0, 3, 1, 2).contiguous()
+    return prototypes, features, ids
+
+
+def test_focal_weights_vary_on_a_peaked_batch():
+    prototypes, features, labels = _peaked_batch(scale=60.0)  # the demo backbone's feature norm is ~60
+    head = PrototypeHead(prototypes)
+    weights = focal_class_weights(head(features), gamma=2.0)
+    # Near one-hot softmax: the mean probability of a class is its share of the pixels.
+    shares = torch.tensor([48, 12, 4]) / 64
+    torch.testing.assert_close(weights, (1 - shares) ** 2, rtol=0, atol=0.02)
+    assert weights.max() - weights.min() > 0.7
+    # Unit features (the former cosine head, |logit| <= 1): the softmax stays soft, the weights close.
+    _, unit_features, _ = _peaked_batch(scale=1.0)
+    flat = focal_class_weights(head(unit_features), gamma=2.0)
+    assert flat.max() - flat.min() < 0.4 * (weights.max() - weights.min())
+
+
+def test_engine_step_reports_focal_weight_spread_and_gains():
+    prototypes, features, labels = _peaked_batch(scale=60.0)
+    engine = make_engine(prototypes, utils.gradient_cfg("ddp"))
+    assert engine.last_metrics == {}
+    head_before = PrototypeHead(prototypes)  # same start; weights are computed on the pre-step head
+    probs = head_before(features).softmax(dim=1).mean(dim=(0, 2, 3)).detach()
+    expected = (1 - probs) ** 2
+    loss, _ = engine.step(features, labels)
+    metrics = engine.last_metrics
+    assert set(metrics) == {"em/focal_weight_min", "em/focal_weight_max", "em/focal_weight_std",
+                            "em/head_gain_min", "em/head_gain_max"}
+    assert all(isinstance(v, float) for v in metrics.values())
+    assert metrics["em/focal_weight_min"] == pytest.approx(float(expected.min()), abs=1e-5)
+    assert metrics["em/focal_weight_max"] == pytest.approx(float(expected.max()), abs=1e-5)
+    mean = float(expected.mean())
+    std = math.sqrt(sum((float(w) - mean) ** 2 for w in expected) / 3)
+    assert metrics["em/focal_weight_std"] == pytest.approx(std, abs=1e-5)
+    assert metrics["em/focal_weight_std"] > 0.25
+    gains = engine.head.gain.detach()
+    assert metrics["em/head_gain_min"] == pytest.approx(float(gains.min()))
+    assert metrics["em/head_gain_max"] == pytest.approx(float(gains.max()))
+    assert step_metrics(torch.tensor([0.5, 0.5]), torch.ones(2))["em/focal_weight_std"] == 0.0
+
+
+def test_old_cosine_head_checkpoint_is_refused_in_one_line():
+    engine = make_engine(torch.randn(utils.K, utils.C), utils.gradient_cfg("ddp"))
+    state = engine.state_dict()
+    old = {**state, "engine": {**state["engine"], "head": {"weight": state["engine"]["head"]["weight"]}}}
+    with pytest.raises(UserError, match="no 'gain'") as err:
+        engine.load_state_dict(old)
+    assert "\n" not in str(err.value) and "checkpoint.resume=false" in str(err.value)
 
 
 def test_photometric_view_is_seeded_batched_and_in_range():
@@ -158,11 +266,13 @@ def test_single_process_engine_learns_and_round_trips(tmp_path):
     restored = make_engine(torch.zeros(utils.K, utils.C), utils.gradient_cfg("ddp"))
     restored.load_state_dict(torch.load(tmp_path / "grad.pt", weights_only=True))
     assert torch.equal(restored.head.weight, engine.head.weight)
+    assert torch.equal(restored.head.gain, engine.head.gain)
+    assert (engine.head.gain - 1).abs().max() > 1e-2  # the gains are trained too
     assert torch.equal(restored.teacher_prototypes(), engine.teacher_prototypes())
     # Same optimizer state -> the next step is identical.
     engine.step(features, labels)
     restored.step(features, labels)
-    assert torch.equal(restored.head.weight, engine.head.weight)
+    assert torch.equal(restored.head.weight, engine.head.weight) and torch.equal(restored.head.gain, engine.head.gain)
 
 
 def test_engine_choice_and_deepspeed_config(tmp_path):

@@ -1,21 +1,33 @@
 """The `gradient` M-step (the paper's implementation): running prototypes trained by Adam, momentum copy.
 
-* :class:`PrototypeHead` (theta_R): a bias-free 1x1 cosine classifier. ``weight`` ``[K, C]`` is an
-  unconstrained parameter; logits are ``<normalise(weight_k), normalise(f)>``, in ``[-1, 1]``, with no
-  temperature and no learnable gain. This matches how the reference *predicts* with theta_M (a
-  weight-normalised 1x1 conv on normalised features whose gain it resets to 1 in every forward). The
-  reference's student head also learned a gain on un-normalised features; that gain changes the argmax
-  relative to the cosine prototypes used everywhere else (stats mode, evaluation), so it is dropped.
-  Adam is scale invariant, so the small logit range mainly softens the focal weights.
+* :class:`PrototypeHead` (theta_R): the paper's head, a weight-normalised bias-free 1x1 convolution on the
+  UN-normalised features ``f``: ``logit_k = gain_k * <weight_k / ||weight_k||, f>
+  = gain_k * ||f|| * cos(weight_k, f)``. ``weight`` ``[K, C]`` is weight norm's direction ``v`` and
+  ``gain`` ``[K]`` its ``g``; both are trained; the gain starts at 1 (the reference sets ``weight_g = 1``
+  after its PCA / K-means initialisation). The feature norm is the logit scale: ~64 for the demo's
+  EfficientNet-Lite0 features and larger for DINO, so the softmax is peaked and the focal weights
+  ``(1 - p_k)^2`` differ between frequent and rare classes. (A cosine head, ``|logit| <= 1``, gives every
+  class a probability near 1/K and weights near ``(1 - 1/K)^2`` for all: no focal weighting.) The head
+  is linear in ``f``, so logits at feature resolution upsampled bilinearly equal the reference's logits
+  of upsampled features exactly.
+  Prototypes (pseudo labels, predictions, evaluation, the ``stats`` mode, checkpoints) are the unit
+  directions ``normalise(weight_k)``, predicted by ``argmax_k cos``: the per-pixel ``||f||`` does not
+  change the argmax, and ``gain`` is left out on purpose (see :class:`MomentumPrototypes`).
 * :func:`focal_class_weighted_ce`: cross entropy with class weights ``(1 - mean softmax prob of k)^gamma``
   (detached), ignore id 255, summed over labelled pixels and divided by ALL pixel positions (ignored ones
   included), as in the reference. With equal per-rank batch shapes and weights from the global batch
   (``focal_class_weights(..., sync=True)``) the DDP/DeepSpeed gradient average equals the single-process
   gradient on the concatenated batch.
-* :class:`MomentumPrototypes` (theta_M): EMA of theta_R's raw weight, updated after every ``every``-th
-  optimizer step; the k-th update uses decay ``min(1 - 1/k, max_decay)``: 0 (a copy of theta_R), 0.5,
-  0.667, 0.75, ... up to 0.98, like the reference's EMA (whose first update copies the weights). Pseudo
-  labels come from :attr:`MomentumPrototypes.prototypes`.
+* :class:`MomentumPrototypes` (theta_M): EMA of theta_R's direction ``weight`` (weight norm's ``v``),
+  updated after every ``every``-th optimizer step; the k-th update uses decay ``min(1 - 1/k, max_decay)``:
+  0 (a copy of theta_R), 0.5, 0.667, 0.75, ... up to 0.98, like the reference's EMA (whose first update
+  copies the weights). Pseudo labels come from :attr:`MomentumPrototypes.prototypes`, the unit rows.
+  theta_M's gain: the reference's theta_M is an EMA of the whole student head, ``g`` included, applied to
+  un-normalised features, so it predicts ``argmax_k g_k * cos_k`` (its ``ConvClusterProbe`` that resets
+  ``g`` to 1 and normalises the features is only the K-means-stage probe; it is replaced by the EMA model
+  when EM training starts). Here theta_M has no gain and predicts ``argmax_k cos_k``, the rule shared with
+  K-means, the ``stats`` mode and evaluation. Both agree while the gains stay equal (they start at 1);
+  ``em/head_gain_min``/``max`` in the step metrics show how far they drift.
 * :func:`photometric_view`: the student's view, on 0..1 RGB before any normalisation.
 * :class:`GradientEngine` (:func:`make_engine`): the head behind DDP (only the head is wrapped) or
   DeepSpeed (:func:`make_head_engine`, one small :class:`HeadEngine` interface), plus theta_M.
@@ -56,6 +68,7 @@ __all__ = [
     "make_engine",
     "make_head_engine",
     "GradientEngine",
+    "step_metrics",
 ]
 
 
@@ -63,29 +76,36 @@ __all__ = [
 
 
 class PrototypeHead(nn.Module):
-    """Cosine 1x1 classifier ``[B, C, H, W] -> [B, K, H, W]`` initialised from prototypes ``[K, C]``."""
+    """Weight-normalised bias-free 1x1 conv ``[B, C, H, W] -> [B, K, H, W]`` from prototypes ``[K, C]``.
+
+    ``logits[b, k] = gain[k] * <weight[k] / ||weight[k]||, features[b]>`` on the features as given (not
+    normalised). ``weight`` ``[K, C]`` starts as the unit prototypes, ``gain`` ``[K]`` at 1.
+    """
 
     def __init__(self, prototypes: torch.Tensor):
         super().__init__()
         if prototypes.dim() != 2:
             raise ValueError(f"prototypes must be [K, C], got shape {tuple(prototypes.shape)}")
         self.weight = nn.Parameter(F.normalize(prototypes.detach().to(torch.float32), dim=1).clone())
+        self.gain = nn.Parameter(torch.ones(prototypes.shape[0], dtype=torch.float32, device=prototypes.device))
 
     @property
     def num_classes(self) -> int:
         return self.weight.shape[0]
+
+    def effective_weight(self) -> torch.Tensor:
+        """``gain[k] * weight[k] / ||weight[k]||``: the convolution's ``[K, C]`` weight (with autograd)."""
+        return self.gain[:, None] * F.normalize(self.weight, dim=1)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         if features.dim() != 4 or features.shape[1] != self.weight.shape[1]:
             raise ValueError(
                 f"features must be [B, {self.weight.shape[1]}, H, W], got shape {tuple(features.shape)}"
             )
-        normed = F.normalize(features.to(torch.float32), dim=1)
-        directions = F.normalize(self.weight, dim=1)
-        return F.conv2d(normed, directions[:, :, None, None])
+        return F.conv2d(features.to(torch.float32), self.effective_weight()[:, :, None, None])
 
     def prototypes(self) -> torch.Tensor:
-        """Unit rows ``[K, C]`` float32, detached."""
+        """Unit rows ``[K, C]`` float32, detached (the gain is not part of a prototype)."""
         return F.normalize(self.weight.detach(), dim=1)
 
 
@@ -336,18 +356,20 @@ def _upsample(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 def _loss(
     model: nn.Module, features: torch.Tensor, labels: torch.Tensor, gamma: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Focal loss of the upsampled logits with global class weights; also the global label counts [K]."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Focal loss of the upsampled logits with global class weights; also the global label counts ``[K]``
+    int64 and the focal class weights ``[K]`` float32 (identical on every rank)."""
     logits = _upsample(model(features), tuple(labels.shape[-2:]))
     mean_prob, counts = _class_statistics(logits, labels, sync=True)
-    return focal_class_weighted_ce(logits, labels, gamma, weights=_weights_from(mean_prob, gamma)), counts
+    weights = _weights_from(mean_prob, gamma)
+    return focal_class_weighted_ce(logits, labels, gamma, weights=weights), counts, weights
 
 
 class HeadEngine(Protocol):
     """What the trainer needs from an engine that trains a :class:`PrototypeHead`.
 
     ``step`` is collective (every rank calls it with a batch of the same shape); it returns the detached
-    loss and the global pseudo-label counts per class ``[K]`` int64.
+    loss, the global pseudo-label counts per class ``[K]`` int64 and the focal class weights ``[K]``.
     ``state_dict``/``load_state_dict`` hold what is replicated on every rank (rank 0 may write it);
     ``save_checkpoint``/``load_checkpoint`` are collective and write/read the engine's sharded state in a
     directory (DeepSpeed; no-ops for DDP).
@@ -357,7 +379,9 @@ class HeadEngine(Protocol):
     name: str
     sharded: bool  # True when save_checkpoint holds state that state_dict lacks
 
-    def step(self, features: torch.Tensor, labels: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def step(
+        self, features: torch.Tensor, labels: torch.Tensor, gamma: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]: ...
 
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -384,13 +408,15 @@ class DDPEngine:
             self.model = head
         self.optimizer = torch.optim.Adam(head.parameters(), lr=lr)
 
-    def step(self, features: torch.Tensor, labels: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(
+        self, features: torch.Tensor, labels: torch.Tensor, gamma: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         self.optimizer.zero_grad(set_to_none=True)
         with distributed.guard_collective("ddp step"):
-            loss, counts = _loss(self.model, features, labels, gamma)
+            loss, counts, weights = _loss(self.model, features, labels, gamma)
             loss.backward()
         self.optimizer.step()
-        return loss.detach(), counts
+        return loss.detach(), counts, weights
 
     def state_dict(self) -> dict[str, Any]:
         return {"engine": self.name, "head": self.head.state_dict(), "optimizer": self.optimizer.state_dict()}
@@ -496,12 +522,14 @@ class DeepSpeedEngine:
         self.optimizer = engine_optimizer
         self.zero_stage = int(config.get("zero_optimization", {}).get("stage", 0))
 
-    def step(self, features: torch.Tensor, labels: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(
+        self, features: torch.Tensor, labels: torch.Tensor, gamma: float
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         with distributed.guard_collective("deepspeed step"):
-            loss, counts = _loss(self.engine, features, labels, gamma)
+            loss, counts, weights = _loss(self.engine, features, labels, gamma)
             self.engine.backward(loss)
             self.engine.step()
-        return loss.detach(), counts
+        return loss.detach(), counts, weights
 
     @property
     def sharded(self) -> bool:
@@ -583,6 +611,7 @@ class GradientEngine:
 
         teacher = engine.teacher_prototypes()      # theta_M: pseudo labels on the clean view
         loss, counts = engine.step(student_features, pseudo_labels)
+        tracker.log_metrics(engine.last_metrics)   # focal-weight spread and head gains of that step
     """
 
     def __init__(
@@ -596,6 +625,7 @@ class GradientEngine:
         self.momentum = MomentumPrototypes(prototypes, em_cfg.ema_every, em_cfg.ema_max)
         self.gamma = float(em_cfg.focal_gamma)
         self.last_ema_decay: float | None = None
+        self.last_metrics: dict[str, float] = {}
 
     @property
     def head(self) -> PrototypeHead:
@@ -617,10 +647,12 @@ class GradientEngine:
             labels: ``[B, H, W]`` pseudo labels (255 = ignore) made with theta_M on the clean view; the
                 logits are upsampled bilinearly to ``H x W``.
         Returns:
-            (loss as a float, global pseudo-label counts per class ``[K]`` int64).
+            (loss as a float, global pseudo-label counts per class ``[K]`` int64). The step's focal
+            weights and head gains are left in :attr:`last_metrics` (see :func:`step_metrics`).
         """
-        loss, counts = self.engine.step(features, labels, self.gamma)
+        loss, counts, weights = self.engine.step(features, labels, self.gamma)
         self.last_ema_decay = self.momentum.step(self.engine.head.weight)
+        self.last_metrics = step_metrics(weights, self.engine.head.gain)
         return float(loss), counts
 
     def state_dict(self) -> dict[str, Any]:
@@ -637,7 +669,16 @@ class GradientEngine:
         return self.state_dict(), (_ShardedWriter(self.engine) if self.engine.sharded else None)
 
     def load_state_dict(self, state: dict[str, Any], checkpoint_dir: str | os.PathLike | None = None) -> None:
-        """Restore; with a sharded engine also read ``<checkpoint_dir>/deepspeed`` (collective)."""
+        """Restore; with a sharded engine also read ``<checkpoint_dir>/deepspeed`` (collective).
+
+        A checkpoint of the former cosine head (no ``gain``) is refused with a one-line UserError: its Adam
+        state and its trajectory belong to another head, so resuming it would silently mix two methods.
+        """
+        if "gain" not in state["engine"]["head"]:
+            raise UserError(
+                "checkpoint's gradient-mode head has no 'gain': it was saved by the former cosine head and cannot "
+                "resume with the weight-normalised head; start a new train.output_dir or set checkpoint.resume=false"
+            )
         self.engine.load_state_dict(state["engine"])
         self.momentum.load_state_dict(state["momentum"])
         subdir = state.get("sharded_subdir", "")
@@ -652,6 +693,20 @@ class GradientEngine:
 
     def load_checkpoint(self, directory: str | os.PathLike) -> None:
         self.engine.load_checkpoint(directory)
+
+
+def step_metrics(focal_weights: torch.Tensor, gains: torch.Tensor) -> dict[str, float]:
+    """Spread of the focal class weights ``[K]`` (min, max, population std) and the range of the head's
+    gains ``[K]``, as floats for the tracker. Weights that barely differ mean the focal weighting is idle."""
+    weights = focal_weights.detach().double().cpu()
+    gains = gains.detach().double().cpu()
+    return {
+        "em/focal_weight_min": float(weights.min()),
+        "em/focal_weight_max": float(weights.max()),
+        "em/focal_weight_std": float(weights.std(correction=0)),
+        "em/head_gain_min": float(gains.min()),
+        "em/head_gain_max": float(gains.max()),
+    }
 
 
 def make_engine(
