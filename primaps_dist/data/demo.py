@@ -1,11 +1,18 @@
 """``primaps-dist make-demo-data``: a labelled texture-mosaic data set made from real pixels.
 
 Every image is a mosaic of 3..6 regions of irregular shape (a warped, anisotropic Voronoi partition
-plus a few blobs); each region is filled with one of 6 classes whose pixels come from photographs
-and textures bundled with scikit-image (no download): brick, grass and gravel textures (greyscale,
-tinted with a class colour), cat fur (``chelsea``), deep-field stars (``hubble_deep_field``) and
-evening sky (``rocket``). Each fill is a randomly scaled, rotated and shifted view of the class
-source with colour jitter, so labels are exact per pixel.
+plus a few blobs); each region is filled with one of the classes of a *source set*, whose pixels come
+from photographs and textures bundled with scikit-image (no download). Each fill is a randomly scaled,
+rotated and shifted view of the class source with colour jitter, so labels are exact per pixel.
+
+Source sets (``--source``):
+
+* ``demo`` (default), 6 classes: brick, grass and gravel textures (greyscale, tinted with a class
+  colour), cat fur (``chelsea``), deep-field stars (``hubble_deep_field``) and evening sky (``rocket``).
+* ``photos2``, 5 classes from other photos, none shared with ``demo``, untinted: wood grain (the table
+  of ``coffee``), a retina fundus (``retina``), ``coins``, printed text (``page``) and the lunar
+  surface (``moon``). A second evaluation set: a method tuned on ``demo`` must also work here. Its
+  mosaics use their own random streams, so their layouts differ from ``demo``'s too.
 
 Layout::
 
@@ -59,14 +66,35 @@ CLASSES: tuple[TextureClass, ...] = (
 )
 CLASS_NAMES = tuple(c.name for c in CLASSES)
 
+PHOTOS2_CLASSES: tuple[TextureClass, ...] = (
+    TextureClass("wood", _skimage("coffee", slice(40, 400), slice(488, 600))),  # table right of the saucer
+    TextureClass("retina", _skimage("retina", slice(350, 1050), slice(350, 1050))),  # vessels and fovea
+    TextureClass("coins", _skimage("coins")),
+    TextureClass("text", _skimage("page")),
+    TextureClass("moon", _skimage("moon")),
+)
+
+
+@dataclass(frozen=True)
+class SourceSet:
+    classes: tuple[TextureClass, ...]
+    photos: str  # the scikit-image samples used (for classes.json)
+    stream: int | None = None  # mixed into every sample's seed; None keeps the original demo streams
+
+
+SOURCE_SETS: dict[str, SourceSet] = {
+    "demo": SourceSet(CLASSES, "brick, grass, gravel, chelsea, hubble_deep_field, rocket"),
+    "photos2": SourceSet(PHOTOS2_CLASSES, "coffee, retina, coins, page, moon", stream=2),
+}
+
 
 SOURCE_SIDE = 768  # sources are mirror-padded to at least this, so any rotated view stays inside
 
 
-def load_sources() -> list[Image.Image]:
+def load_sources(classes: Sequence[TextureClass] = CLASSES) -> list[Image.Image]:
     """Class sources as RGB PIL images (greyscale textures tinted), mirror-padded to SOURCE_SIDE."""
     sources = []
-    for texture in CLASSES:
+    for texture in classes:
         try:
             pixels = texture.load()
         except Exception as err:  # a scikit-image build without bundled data would try to download
@@ -181,27 +209,35 @@ def _png(array: np.ndarray) -> bytes:
 SPLIT_CODES = {"train": 1, "val": 2}
 
 
-def generate(out: Path, *, seed: int = 0, train: int = 192, val: int = 48, size: int = 256) -> dict:
-    """Write the demo set under ``out``; returns the classes.json content."""
-    sources = load_sources()
+def generate(
+    out: Path, *, seed: int = 0, train: int = 192, val: int = 48, size: int = 256, source: str = "demo"
+) -> dict:
+    """Write the ``source`` set (a key of SOURCE_SETS) under ``out``; returns the classes.json content."""
+    if source not in SOURCE_SETS:
+        raise UserError(f"--source must be one of {', '.join(SOURCE_SETS)}, got {source!r}")
+    chosen = SOURCE_SETS[source]
+    classes = chosen.classes
+    sources = load_sources(classes)
     for split, count in (("train", train), ("val", val)):
         image_dir, label_dir = out / split / "images", out / split / "labels"
         image_dir.mkdir(parents=True, exist_ok=True)
         label_dir.mkdir(parents=True, exist_ok=True)
         for index in range(count):
-            rng = np.random.default_rng([int(seed) % (1 << 63), SPLIT_CODES[split], index])
+            key = [int(seed) % (1 << 63), SPLIT_CODES[split], index]
+            rng = np.random.default_rng(key if chosen.stream is None else key + [chosen.stream])
             image, labels = make_sample(rng, sources, size, must_have=index % len(sources))
             name = f"{split}_{index:06d}.png"
             (image_dir / name).write_bytes(_png(image))
             (label_dir / name).write_bytes(_png(labels))
     info = {
-        "classes": list(CLASS_NAMES),
-        "num_classes": len(CLASS_NAMES),
+        "classes": [c.name for c in classes],
+        "num_classes": len(classes),
+        "source": source,
         "seed": seed,
         "size": size,
         "train": train,
         "val": val,
-        "sources": "scikit-image bundled data: brick, grass, gravel, chelsea, hubble_deep_field, rocket",
+        "sources": f"scikit-image bundled data: {chosen.photos}",
     }
     (out / "classes.json").write_text(json.dumps(info, indent=2) + "\n")
     return info
@@ -216,6 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train", type=int, default=192, help="training images (default 192)")
     parser.add_argument("--val", type=int, default=48, help="validation images (default 48)")
     parser.add_argument("--size", type=int, default=256, help="image side in pixels (default 256)")
+    parser.add_argument("--source", default="demo", choices=sorted(SOURCE_SETS),
+                        help="source photos: demo (6 classes, default) or photos2 (5 other classes)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
@@ -231,7 +269,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UserError(f"--out {out}: cannot create the folder ({err.strerror or err})") from None
-    info = generate(out, seed=args.seed, train=args.train, val=args.val, size=args.size)
+    info = generate(out, seed=args.seed, train=args.train, val=args.val, size=args.size, source=args.source)
     shape = f"{args.size}x{args.size}, {info['num_classes']} classes"
     print(f"wrote {args.train} train + {args.val} val images ({shape}) to {out}")
     return 0
