@@ -97,6 +97,7 @@ class BackboneConfig:
     layers: list[int] = field(default_factory=list)  # ViT: [block index]; CNN: stage indices; [] = preset default
     stride: int = 0  # feature stride for non-preset backbones (0 = preset's or detected)
     precision: str = "auto"  # autocast dtype on GPU: auto (bf16 if supported) | bf16 | fp16 | fp32
+    head_weights: str = ""  # trained projection head (STEGO / HP style) applied to the features; "" = none
 
     def validate(self, prefix: str = "backbone") -> None:
         _require(bool(self.name), f"{prefix}.name", "must not be empty")
@@ -115,6 +116,20 @@ class BackboneConfig:
             _require(len(self.layers) <= 1, f"{prefix}.layers", "a ViT takes one block index")
         _require(self.stride >= 0, f"{prefix}.stride", f"must be >= 0, got {self.stride}")
         _choice(self.precision, ("auto", "bf16", "fp16", "fp32"), f"{prefix}.precision")
+        if self.head_weights:
+            self._validate_head(f"{prefix}.head_weights")
+
+    def _validate_head(self, key: str) -> None:
+        """Read the (small) head file now, and check its input channels where the config alone tells the
+        backbone's; otherwise the builder checks them right after building the backbone."""
+        _require(os.path.isfile(self.head_weights), key, f"file not found: {self.head_weights}")
+        from primaps_dist.backbones.projection_head import load_projection_head
+
+        channels = None
+        preset = PRESETS.get(self.name)
+        if preset is not None and (preset.kind == "vit" or list(self.layers) in ([], list(preset.default_layers))):
+            channels = preset.channels
+        load_projection_head(self.head_weights, channels, self.name)
 
     def preset_stride(self) -> int:
         """Feature stride known before building the model (0 when only the built model can tell)."""

@@ -6,6 +6,9 @@
 * ``"timm:<model>"``: any timm model; ViTs give one block's patch tokens, CNNs the selected ``features_only``
   stages upsampled to the finest one and concatenated,
 * ``"module:function"``: a plug-in (contract in :mod:`primaps_dist.backbones.plugin`).
+
+With ``backbone.head_weights=PATH`` a trained projection head (STEGO / HP style) follows any of them
+(:mod:`primaps_dist.backbones.projection_head`).
 """
 
 from __future__ import annotations
@@ -31,9 +34,21 @@ def build_backbone(cfg: Any, device: torch.device | str = "cpu") -> FeatureExtra
     """Build the frozen feature extractor described by ``cfg`` (a BackboneConfig) on ``device``.
 
     Raises UserError / ConfigError (naming ``backbone.*``) for an unknown name, unusable weights (missing or
-    foreign file, no network for ``pretrained``), a bad layer selection, or a stride that disagrees.
+    foreign file, no network for ``pretrained``), a bad layer selection, a stride that disagrees, or a
+    projection head (``backbone.head_weights``) that is unreadable or made for another channel count.
     """
     device = torch.device(device)
+    extractor = _base_extractor(cfg, device)
+    head_weights = getattr(cfg, "head_weights", "")
+    if head_weights:
+        # Imported here: the package must not import it, so that `python -m` runs it as a clean __main__.
+        from primaps_dist.backbones.projection_head import with_projection_head
+
+        extractor = with_projection_head(extractor, head_weights)
+    return extractor.to(device)
+
+
+def _base_extractor(cfg: Any, device: torch.device) -> FeatureExtractor:
     name = cfg.name
     if name in PRESETS:
         extractor = _preset_extractor(cfg)
@@ -48,7 +63,7 @@ def build_backbone(cfg: Any, device: torch.device | str = "cpu") -> FeatureExtra
         )
     if cfg.stride and cfg.stride != extractor.stride:
         raise ConfigError("backbone.stride", f"{cfg.stride} disagrees with the stride {extractor.stride} of {name}")
-    return extractor.to(device)
+    return extractor
 
 
 def _preset_extractor(cfg: Any) -> FeatureExtractor:
