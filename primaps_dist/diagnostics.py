@@ -39,23 +39,21 @@ METRIC_KEYS = (
     "coverage_post_crf",
 )
 
-# Positions of the running sums in DiagnosticsWindow._sums.
-_IMAGES, _PROPOSALS, _CELLS, _KEPT, _PRE, _POST = range(6)
-
 
 class DiagnosticsWindow:
     """Accumulates :class:`ProposalStats` over a logging window; :meth:`pop` reads them back once."""
 
     def __init__(self) -> None:
-        self._sums: torch.Tensor | None = None  # [6] float64 running sums
+        self._images = 0  # a host count: a scalar copied to the GPU would synchronise
+        self._sums: torch.Tensor | None = None  # [5] float64: proposals, cells, kept cells, coverage pre, post
         self._extremes: torch.Tensor | None = None  # [2] int64 (min, max) proposals per image
 
     def add(self, stats: ProposalStats) -> None:
         """Add one batch (device tensor arithmetic only)."""
         if stats.proposals.numel() == 0:
             return
+        self._images += stats.proposals.numel()
         sums = torch.stack([
-            torch.tensor(float(stats.proposals.numel()), dtype=torch.float64, device=stats.proposals.device),
             stats.proposals.sum().to(torch.float64),
             stats.proposal_cells.sum().to(torch.float64),
             stats.kept_cells.sum().to(torch.float64),
@@ -75,9 +73,10 @@ class DiagnosticsWindow:
         """The window's metrics (see the module docstring) as floats, and a fresh window; {} when empty."""
         if self._sums is None:
             return {}
-        images, proposals, cells, kept, pre, post = self._sums.tolist()
+        images = self._images
+        proposals, cells, kept, pre, post = self._sums.tolist()
         low, high = self._extremes.tolist()
-        self._sums = self._extremes = None
+        self._images, self._sums, self._extremes = 0, None, None
         return {
             "proposals_per_image": proposals / images,
             "proposals_per_image_min": float(low),

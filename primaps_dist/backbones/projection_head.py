@@ -136,8 +136,9 @@ def load_projection_head(path: str | Path, in_channels: int | None = None, backb
     if "nonlinear.0.weight" in tensors or "nonlinear.2.weight" in tensors:
         for name in ("nonlinear.0.weight", "nonlinear.2.weight"):
             if name not in tensors:
-                raise ConfigError(HEAD_KEY, f"{path}: the nonlinear branch needs both 'nonlinear.0.weight' and "
-                                            f"'nonlinear.2.weight' (STEGO: cluster2.0 / cluster2.2); '{name}' is missing")
+                raise ConfigError(HEAD_KEY, f"{path}: the nonlinear branch needs both 'nonlinear.0.weight' "
+                                            "and 'nonlinear.2.weight' (STEGO: cluster2.0 / cluster2.2); "
+                                            f"'{name}' is missing")
         first = _as_1x1(tensors, "nonlinear.0.weight", None, channels, path)
         hidden = int(first.shape[0])
         parts.update({
