@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import tarfile
 from pathlib import Path
 
@@ -172,11 +173,15 @@ def test_problems_are_reported_and_counted(folders, tmp_path, capsys):
     assert set(read_tars(out)) == {"f", "g", "sub__dir__h", "x_y", "sub__k"}
 
 
-def test_nothing_written_exits_non_zero(tmp_path, capsys):
+def test_nothing_written_is_a_user_error_with_exit_status_2(tmp_path, capsys):
     write_file(tmp_path / "images" / "a.png", b"garbage")
-    assert run("--images", str(tmp_path / "images"), "--out", str(tmp_path / "out")) == 1
-    assert "no sample was written" in capsys.readouterr().err
+    with pytest.raises(UserError, match=re.escape(f"no sample was written to {tmp_path / 'out'} (1 skipped")):
+        run("--images", str(tmp_path / "images"), "--out", str(tmp_path / "out"))
     assert not list((tmp_path / "out").glob("*.tar"))
+    capsys.readouterr()
+    assert cli_main(["make-shards", "--images", str(tmp_path / "images"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: no sample was written to") and "Traceback" not in "\n".join(err)
 
 
 def test_user_errors(tmp_path, capsys):

@@ -444,9 +444,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise
     shard_names = sink.close()
     total_skipped = sum(skipped.values())
-    if not shard_names:
-        print(f"error: no sample was written to {out} ({total_skipped} skipped, see above)", file=sys.stderr)
-        return 1
+    if not shard_names:  # every input was unusable: bad input like any other, exit status 2 via run_cli
+        raise UserError(f"no sample was written to {out} ({total_skipped} skipped, see above)")
     stale = _remove_stale_shards(out, shard_names)
     has_labels = labels_dir is not None
     used_ids = [i for i in range(IGNORE_INDEX) if class_pixels[i] > 0]
