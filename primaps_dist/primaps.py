@@ -1,4 +1,4 @@
-"""PriMaPs: batched principal mask proposals (ALGORITHM.md section 2).
+"""PriMaPs: batched principal mask proposals (docs/method.md, "Principal mask proposals").
 
 One call processes a whole batch of feature maps; the only Python loops are over proposal rounds
 (at most ``max_masks``) and over the iterations of the eigen-solver inside a round.
@@ -14,11 +14,12 @@ Per image and round (all images of the batch at once):
    down-date) until the relative residual ``||A v - theta v|| / theta`` drops below
    ``_RESIDUAL_TOL``; it agrees with an exact float64 eigendecomposition and with the reference's
    ``torch.pca_lowrank(q=3, niter=100)`` (see tests). No [B, h*w, h*w] tensor is ever built.
-2. ``s = <v, n>`` with ``n = f / ||f||``; ``s = 0`` at covered positions.
-   **Sign rule** (a principal direction has no intrinsic sign): ``v`` is flipped so that the free
-   position with the largest ``|s|`` (first one in row-major order on ties) has ``s > 0``. Hence the
-   most extreme free position along the principal axis is always on the positive side, and
-   ``max(s) > 0`` over free positions unless ``s`` vanishes there.
+2. **Orientation**: a principal direction has no intrinsic sign, yet the sign decides which end of
+   the axis step 3 starts from. ``v`` gets the sign that the published code's
+   ``torch.pca_lowrank(q=3, niter=100)`` returns, by replaying that routine's final Rayleigh-Ritz
+   step from the top-3 eigenvectors with the same LAPACK calls on the CPU
+   (:func:`_reference_orientation`; evidence in docs/method.md). Then ``s = <v, n>`` with
+   ``n = f / ||f||``; ``s = 0`` at covered positions.
 3. Nearest-neighbour refinement: ``v = n[p]`` at ``p = argmax`` of ``s`` over free positions (first
    one on ties); ``s = <v, n>``, ``s = 0`` at covered positions.
 4. ``s[s < threshold * max(s)] = 0``; ``s = s / max(s)`` is the soft proposal.
@@ -289,16 +290,94 @@ class _WorkingSet:
         self.free_count = self.free_count - newly
 
 
+def _compact_order(free: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stored rows of the free positions, in row-major order, moved to the front.
+
+    free [b, Q] bool -> (order [b, width] int64 row indices, valid [b, width] bool); entries past an
+    image's free count are padding (``valid`` False).
+    """
+    order = torch.sort(free.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :width]
+    valid = torch.arange(width, device=free.device)[None, :] < free.sum(dim=1, keepdim=True)
+    return order, valid
+
+
+def _reference_orientation(state: "_WorkingSet", direction: torch.Tensor, top3: torch.Tensor) -> torch.Tensor:
+    """+1 / -1 per image: the sign that ``torch.pca_lowrank(q=3)`` gives the principal direction.
+
+    A principal direction has no intrinsic sign, but the published method takes the one that
+    ``pca_lowrank`` returns on the CPU, and that sign decides which end of the axis the nearest-
+    neighbour step starts from. ``pca_lowrank`` ends with one Rayleigh-Ritz step (Halko et al.,
+    Algorithm 5.1) on its converged basis; that step is replayed here from our top-3 eigenvectors
+    ``E`` of the free covariance, with the same LAPACK calls on the CPU (docs/method.md, "Sign of the
+    principal direction"):
+
+    * free positions >= channels: ``Q = qr(A E).Q``, ``svd(Q^T A)``, direction ``Vh[0]``;
+    * free positions < channels (the library transposes ``A``): ``Q = qr(E).Q``,
+      ``U = svd(Q^T A^T).U``, direction ``Q U[:, 0]``;
+
+    with ``A`` [n_free, C] the free features centred on their mean, rows in row-major order (the
+    order matters to Householder QR). Householder QR's Q does not depend on the signs of E's
+    columns, so neither does the result. The small QR and SVD always run on the CPU, so every device
+    reproduces the CPU's orientation.
+
+    direction [b, C] unit top eigenvector, top3 [b, q, C] orthonormal rows (q >= 1, first row ~
+    direction) -> [b] float32 on ``direction``'s device.
+    """
+    batch, channels = direction.shape
+    count = state.free_count
+    rank = min(3, top3.shape[1], channels)
+    free_mean = state.free_sum / count.clamp(min=1).to(torch.float32)[:, None]  # [b, C], image-centred frame
+    signs = torch.ones(batch, dtype=torch.float32)
+    count_cpu = count.cpu()
+    width = int(count_cpu.max())
+    if width == 0:
+        return signs.to(direction.device)
+    order, valid = _compact_order(state.free, width)
+    cpu_direction = direction.cpu()
+    tall = (count_cpu >= channels) & (count_cpu >= rank)
+    wide = (count_cpu < channels) & (count_cpu >= rank)
+    if bool(tall.any()):
+        rows = tall.nonzero().squeeze(1).to(direction.device)
+        basis = top3[rows, :rank].transpose(1, 2)  # E [t, C, q]
+        points, mean = state.points[rows], free_mean[rows]
+        projected = points @ basis - (mean.unsqueeze(1) @ basis)  # A E at every stored row [t, Q+1, q]
+        gathered = projected.gather(1, order[rows, :, None].expand(-1, -1, rank))
+        gathered = gathered * valid[rows, :, None]
+        q_factor = torch.linalg.qr(gathered.cpu()).Q  # [t, width, q], Householder QR on the CPU
+        scattered = torch.zeros(rows.numel(), points.shape[1], rank, dtype=torch.float32)
+        scattered.scatter_(1, order[rows, :, None].expand(-1, -1, rank).cpu(), q_factor * valid[rows, :, None].cpu())
+        scattered = scattered.to(direction.device)
+        small = scattered.transpose(1, 2) @ points - scattered.sum(dim=1).unsqueeze(2) * mean.unsqueeze(1)
+        right = torch.linalg.svd(small.cpu(), full_matrices=False).Vh[:, 0]  # [t, C]
+        signs[tall] = torch.where((right * cpu_direction[tall]).sum(dim=1) < 0, -1.0, 1.0)
+    if bool(wide.any()):
+        rows = wide.nonzero().squeeze(1).to(direction.device)
+        q_factor = torch.linalg.qr(top3[rows, :rank].transpose(1, 2).cpu()).Q  # [w, C, q]
+        q_device = q_factor.to(direction.device)
+        points, mean = state.points[rows], free_mean[rows]
+        projected = points @ q_device - (mean.unsqueeze(1) @ q_device)  # A Q [w, Q+1, q]
+        gathered = projected.gather(1, order[rows, :, None].expand(-1, -1, rank)).transpose(1, 2).cpu()  # [w, q, width]
+        # LAPACK's SVD orients U differently once zero columns pad B, so every image gets its
+        # exact [q, n_free] matrix; images with equal free counts share one batched call.
+        wide_count = count_cpu[wide]
+        left = torch.empty(rows.numel(), rank)
+        for free_positions in torch.unique(wide_count).tolist():
+            same = (wide_count == free_positions).nonzero().squeeze(1)
+            exact = gathered[same, :, :free_positions]
+            left[same] = torch.linalg.svd(exact, full_matrices=False).U[:, :, 0]  # [w', q]
+        oriented = (q_factor @ left.unsqueeze(2)).squeeze(2)  # [w, C]
+        signs[wide] = torch.where((oriented * cpu_direction[wide]).sum(dim=1) < 0, -1.0, 1.0)
+    return signs.to(direction.device)
+
+
 def _proposal_round(state: _WorkingSet, threshold: float, coverage: float, max_masks: int) -> None:
     """One PriMaPs round for every running image of the working set (updates ``state`` in place)."""
     direction, state.basis, state.gram_basis = _top_direction(
         state.gram, state.free_sum, state.free_count.to(torch.float32), state.basis, state.gram_basis,
         state.running, state.total_variance,
     )
+    direction = direction * _reference_orientation(state, direction, state.basis)[:, None]
     similarity = state.cosine_to(direction)
-    # Sign rule: the free position with the largest |s| gets a positive similarity.
-    extreme = _first_index_of_max(similarity.abs())
-    similarity = similarity * torch.where(similarity.gather(1, extreme[:, None]) < 0, -1.0, 1.0)
     # Nearest-neighbour refinement from the best free position.
     seed = _first_index_of_max(similarity.masked_fill(~state.free, float("-inf")))
     similarity = state.cosine_to(state.unit_feature(seed))

@@ -1,31 +1,29 @@
-"""Straightforward per-image PriMaPs (ALGORITHM.md section 2) used as a test oracle.
+"""Straightforward per-image PriMaPs, written from the published method, used as a test oracle.
 
 Deliberately unbatched and written independently of ``primaps_dist.primaps``: a Python loop over
-proposals, the principal direction from ``torch.pca_lowrank(q=3, niter=100)`` like the paper's code
-(or an exact float64 eigendecomposition), the median filter via ``unfold`` + ``median``. It uses
-the same deterministic sign rule as the package (the free position with the largest ``|<v, n>|``
-is made positive) so that results are comparable; the loop stops, like the package, when a round
+proposals, the principal direction from ``torch.pca_lowrank(q=3, niter=100)`` called exactly as the
+paper's code does, with the sign the library returns (no sign rule of our own), and the median
+filter via ``unfold`` + ``median``. ``pca_lowrank`` is randomised: where the top singular values of a
+round nearly tie, its sign (and so the proposals) can change with the seed, so callers compare
+against several seeds (:func:`oracle_agreement`). The loop stops, like the package, when a round
 covers nothing new.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 
-def principal_direction(free_features: torch.Tensor, solver: str) -> torch.Tensor:
-    """First principal direction [C] of ``free_features`` [N, C] (rows are samples), centred."""
-    if solver == "lowrank":
-        rank = min(3, free_features.shape[0], free_features.shape[1])
-        _, _, right = torch.pca_lowrank(free_features, q=rank, niter=100, center=True)
-        return right[:, 0]
-    if solver == "exact":
-        centred = free_features.double() - free_features.double().mean(dim=0, keepdim=True)
-        _, vectors = torch.linalg.eigh(centred.T @ centred)
-        return vectors[:, -1].float()
-    raise ValueError(f"unknown solver {solver}")
+def principal_direction(free_features: torch.Tensor) -> torch.Tensor:
+    """First principal direction [C] of ``free_features`` [N, C] (rows are samples), as published:
+    ``torch.pca_lowrank`` centres the rows itself; its sign is kept as returned."""
+    rank = min(3, free_features.shape[0], free_features.shape[1])
+    _, _, right = torch.pca_lowrank(free_features, q=rank, niter=100, center=True)
+    return right[:, 0]
 
 
 def reference_proposals(
@@ -33,10 +31,11 @@ def reference_proposals(
     threshold: float = 0.4,
     coverage: float = 0.95,
     max_masks: int = 64,
-    solver: str = "lowrank",
     seed: int = 0,
 ) -> list[torch.Tensor]:
-    """Soft proposals of one map ``feature_map`` [C, h, w] -> list of [h, w] float32 masks."""
+    """Soft proposals of one map ``feature_map`` [C, h, w] -> list of [h, w] float32 masks.
+
+    ``seed`` seeds ``pca_lowrank``'s random start (the global RNG is restored afterwards)."""
     feature_map = feature_map.float()
     channels, height, width = feature_map.shape
     unit = F.normalize(feature_map, dim=0).reshape(channels, -1)
@@ -46,12 +45,9 @@ def reference_proposals(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         while (~free).sum().float() / free.numel() < coverage and len(proposals) < max_masks:
-            direction = principal_direction(flat[:, free].T, solver)
+            direction = principal_direction(flat[:, free].T)
             similarity = direction @ unit
             similarity[~free] = 0
-            extreme = int(torch.nonzero(similarity.abs() == similarity.abs().max())[0])
-            if similarity[extreme] < 0:
-                similarity = -similarity
             candidates = torch.where(free, similarity, torch.tensor(float("-inf")))
             seed_position = int(torch.nonzero(candidates == candidates.max())[0])
             similarity = unit[:, seed_position] @ unit
@@ -134,3 +130,49 @@ def planted_features(
         clean = F.avg_pool2d(clean[None], 3, stride=1, padding=1, count_include_pad=False)[0]
         maps.append(clean + noise * torch.randn(channels, size, size, generator=generator))
     return torch.stack(maps)
+
+
+@dataclass(frozen=True)
+class OracleAgreement:
+    """Agreement of a method's label maps with the randomised oracle, per image ([N] arrays).
+
+    ari: mean adjusted Rand index of the method against each oracle run (one run per seed).
+    oracle_self: mean pairwise ARI between the oracle's own runs (1.0 where it is reproducible).
+    stable: the oracle's runs all gave the same partition and proposal count.
+    counts_equal: the method's proposal count equals that of one of the oracle's runs.
+    """
+
+    ari: np.ndarray
+    oracle_self: np.ndarray
+    stable: np.ndarray
+    counts_equal: np.ndarray
+
+    def summary(self) -> str:
+        stable = self.ari[self.stable]
+        return (f"ARI vs oracle mean {self.ari.mean():.4f} (min {self.ari.min():.4f}); on the "
+                f"{int(self.stable.sum())}/{self.stable.size} images where the oracle is reproducible: mean "
+                f"{stable.mean() if stable.size else float('nan'):.4f}, min "
+                f"{stable.min() if stable.size else float('nan'):.4f}; oracle vs itself mean "
+                f"{self.oracle_self.mean():.4f}; counts equal {self.counts_equal.mean():.0%}")
+
+
+def oracle_agreement(
+    features: torch.Tensor,
+    labels: np.ndarray,
+    counts: np.ndarray,
+    seeds: tuple[int, ...] = (0, 1, 2),
+    **kwargs,
+) -> OracleAgreement:
+    """Compare label maps ``labels`` [N, h, w] and proposal counts ``counts`` [N] of a method on
+    ``features`` [N, C, h, w] with the oracle run once per seed (``kwargs`` as for
+    :func:`reference_proposals`, plus ``median_filter``)."""
+    ari, oracle_self, stable, counts_equal = [], [], [], []
+    for index in range(features.shape[0]):
+        runs = [reference_label_map(features[index], seed=seed, **kwargs) for seed in seeds]
+        ari.append(np.mean([adjusted_rand_index(run, labels[index]) for run, _ in runs]))
+        pairs = [adjusted_rand_index(runs[i][0], runs[j][0]) for i in range(len(runs)) for j in range(i + 1, len(runs))]
+        oracle_self.append(np.mean(pairs) if pairs else 1.0)
+        run_counts = {count for _, count in runs}
+        stable.append(all(pair == 1.0 for pair in pairs) and len(run_counts) == 1)
+        counts_equal.append(int(counts[index]) in run_counts)
+    return OracleAgreement(np.array(ari), np.array(oracle_self), np.array(stable), np.array(counts_equal))

@@ -18,9 +18,9 @@ from primaps_dist.primaps import (
     upsample_logits,
 )
 from primaps_reference import (
-    adjusted_rand_index,
+    OracleAgreement,
+    oracle_agreement,
     planted_features,
-    reference_label_map,
     reference_logits,
     reference_proposals,
 )
@@ -34,15 +34,22 @@ def _single_thread():
     torch.set_num_threads(threads)
 
 
-def _agreement(features: torch.Tensor, solver: str, **kwargs) -> tuple[list[float], np.ndarray, np.ndarray]:
+def _agreement(features: torch.Tensor, seeds: tuple[int, ...] = (0, 1, 2), **kwargs) -> OracleAgreement:
     labels = mask_logits(features, **kwargs).argmax(1).numpy()
     _, counts = principal_masks(features, **{k: v for k, v in kwargs.items() if k != "median_filter"})
-    scores, reference_counts = [], []
-    for index in range(features.shape[0]):
-        reference, count = reference_label_map(features[index], solver=solver, **kwargs)
-        scores.append(adjusted_rand_index(reference, labels[index]))
-        reference_counts.append(count)
-    return scores, counts.numpy(), np.array(reference_counts)
+    return oracle_agreement(features, labels, counts.numpy(), seeds=seeds, **kwargs)
+
+
+def _assert_faithful(agreement: OracleAgreement, min_stable: int) -> None:
+    """The targets against the published loop (``torch.pca_lowrank`` as released, its own sign):
+    where the oracle is reproducible, ARI >= 0.97 on average and >= 0.9 on every image; everywhere,
+    at least as close to the oracle as its runs are to each other; counts equal on >= 90 %."""
+    print(agreement.summary())
+    assert agreement.stable.sum() >= min_stable  # the comparison is not vacuous
+    assert agreement.ari[agreement.stable].mean() >= 0.97
+    assert agreement.ari[agreement.stable].min() >= 0.9
+    assert np.all(agreement.ari >= agreement.oracle_self - 0.02), (agreement.ari, agreement.oracle_self)
+    assert agreement.counts_equal.mean() >= 0.9
 
 
 # ------------------------------------------------------------------------------------------------
@@ -60,43 +67,53 @@ def photo_features_stride16() -> torch.Tensor:
     return features
 
 
-def test_matches_reference_on_real_photo_features(photo_features_stride16):
-    """EfficientNet-Lite0 (ImageNet) stride-16 features of 12 bundled photos, exact reference PCA."""
-    scores, counts, reference_counts = _agreement(photo_features_stride16, "exact")
-    print(f"real photos: ARI mean {np.mean(scores):.4f} min {np.min(scores):.4f}; counts {counts.tolist()} "
-          f"vs reference {reference_counts.tolist()}")
-    assert np.mean(scores) >= 0.9
-    assert np.mean(counts == reference_counts) >= 0.75
-    assert counts.max() > 5  # real photos give many proposals, the comparison is not trivial
-
-
-def test_matches_reference_on_planted_dino_sized_features():
-    """C=384, 40x40 maps with 24 planted regions plus noise."""
-    features = planted_features(4, channels=384, size=40, regions=24, noise=1.0, seed=3)
-    scores, counts, reference_counts = _agreement(features, "exact")
-    print(f"planted: ARI {np.round(scores, 4).tolist()}; counts {counts.tolist()} vs {reference_counts.tolist()}")
-    assert np.mean(scores) >= 0.9
-    assert np.mean(counts == reference_counts) >= 0.75
-    assert counts.min() >= 10
+def test_matches_published_loop_on_real_photo_features(photo_features_stride16):
+    """EfficientNet-Lite0 (ImageNet) stride-16 features (112 x 20 x 20) of 12 bundled photos: rounds
+    with more free positions than channels and fewer (where pca_lowrank transposes) both occur."""
+    _assert_faithful(_agreement(photo_features_stride16), min_stable=6)
 
 
 @pytest.mark.slow
-def test_matches_randomised_pca_reference(photo_features_stride16):
-    """Against the paper's own solver (torch.pca_lowrank q=3, niter=100) on real and planted maps."""
-    scores, counts, reference_counts = _agreement(photo_features_stride16, "lowrank")
-    assert np.mean(scores) >= 0.9
-    assert np.mean(counts == reference_counts) >= 0.75
-    planted = planted_features(4, regions=24, noise=1.0, seed=4)
-    scores, counts, reference_counts = _agreement(planted, "lowrank")
-    assert np.mean(scores) >= 0.9
-    assert np.mean(counts == reference_counts) >= 0.75
+def test_matches_published_loop_on_planted_dino_sized_features():
+    """C=384, 40x40 maps with 24 planted regions plus noise."""
+    features = planted_features(4, channels=384, size=40, regions=24, noise=1.0, seed=3)
+    agreement = _agreement(features, seeds=(0, 1))
+    _assert_faithful(agreement, min_stable=2)
+
+
+def test_matches_published_loop_on_small_planted_maps():
+    features = planted_features(6, channels=48, size=16, regions=6, noise=0.6, seed=7)
+    _assert_faithful(_agreement(features), min_stable=4)
+
+
+def test_published_sign_is_not_a_simple_rule(photo_features_stride16):
+    """Guards the oracle itself: flipping every direction to the package's former rule (largest |s|
+    positive) must disagree with the published loop on these photos, else the tests above could not
+    tell the two apart."""
+    import primaps_dist.primaps as primaps
+
+    features = photo_features_stride16[:6]
+
+    def largest_magnitude_positive(state, direction, top3):
+        similarity = state.cosine_to(direction)
+        extreme = similarity.abs().argmax(dim=1, keepdim=True)
+        return torch.where(similarity.gather(1, extreme).squeeze(1) < 0, -1.0, 1.0)
+
+    original = primaps._reference_orientation
+    primaps._reference_orientation = largest_magnitude_positive
+    try:
+        agreement = _agreement(features, seeds=(1,))
+    finally:
+        primaps._reference_orientation = original
+    print(agreement.summary())
+    assert agreement.ari.mean() < 0.9
 
 
 def test_soft_masks_match_reference_values():
     features = planted_features(2, channels=64, size=16, regions=5, noise=0.5, seed=5)
     masks, counts = principal_masks(features)
     for index in range(2):
-        proposals = reference_proposals(features[index], solver="exact")
+        proposals = reference_proposals(features[index])
         assert int(counts[index]) == len(proposals)
         expected = torch.stack(proposals)
         torch.testing.assert_close(masks[index, : len(proposals)], expected, atol=1e-4, rtol=0)
