@@ -301,7 +301,9 @@ def _compact_order(free: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.
     return order, valid
 
 
-def _reference_orientation(state: "_WorkingSet", direction: torch.Tensor, top3: torch.Tensor) -> torch.Tensor:
+def _reference_orientation(
+    state: "_WorkingSet", direction: torch.Tensor, top3: torch.Tensor, top3_gram: torch.Tensor
+) -> torch.Tensor:
     """+1 / -1 per image: the sign that ``torch.pca_lowrank(q=3)`` gives the principal direction.
 
     A principal direction has no intrinsic sign, but the published method takes the one that
@@ -320,55 +322,67 @@ def _reference_orientation(state: "_WorkingSet", direction: torch.Tensor, top3: 
     columns, so neither does the result. The small QR and SVD always run on the CPU, so every device
     reproduces the CPU's orientation.
 
-    direction [b, C] unit top eigenvector, top3 [b, q, C] orthonormal rows (q >= 1, first row ~
-    direction) -> [b] float32 on ``direction``'s device.
+    For tall ``A``, ``Q^T A`` is not formed from the features: with ``A E = Q R``,
+    ``Q^T A = R^-T E^T (A^T A)``, and ``E^T A^T A`` follows from the running Gram matrix. One pass
+    over the stored features (``A M``, three columns) is all this costs.
+
+    direction [b, C] unit top eigenvector, top3 [b, k, C] orthonormal rows by decreasing eigenvalue
+    (k >= 1, first row ~ direction), top3_gram [b, k, C] = top3 @ G (G the running Gram matrix)
+    -> [b] float32 on ``direction``'s device.
     """
     batch, channels = direction.shape
-    count = state.free_count
+    device = direction.device
+    count = state.free_count.cpu()
     rank = min(3, top3.shape[1], channels)
-    free_mean = state.free_sum / count.clamp(min=1).to(torch.float32)[:, None]  # [b, C], image-centred frame
+    width = int(count.max())
     signs = torch.ones(batch, dtype=torch.float32)
-    count_cpu = count.cpu()
-    width = int(count_cpu.max())
-    if width == 0:
-        return signs.to(direction.device)
+    if width < 1:
+        return signs.to(device)
+    tall = count >= channels  # pca_lowrank keeps A as it is; otherwise it works on A^T
+    wide_rows = (~tall).nonzero().squeeze(1)
+    # Per image one [C, q] matrix M: E for tall images, Q = qr(E).Q for wide ones; one pass over the
+    # stored features then gives A M at every row (covered rows are dropped by the gather below).
+    rows = top3[:, :rank].contiguous()  # E^T [b, q, C]
+    wide_q = torch.linalg.qr(rows[wide_rows.to(device)].transpose(1, 2).cpu()).Q  # [w, C, q], Householder on the CPU
+    if wide_rows.numel():
+        rows[wide_rows.to(device)] = wide_q.transpose(1, 2).to(device)
+    free_count = state.free_count.clamp(min=1).to(torch.float32)
+    free_mean = state.free_sum / free_count[:, None]  # [b, C]
+    # [b, Q+1, C] @ (a transposed view of rows [b, q, C]) takes a GEMM path several times faster
+    # on CPU than a contiguous [b, C, q] operand.
+    projected = state.points @ rows.transpose(1, 2) - (rows @ free_mean.unsqueeze(2)).transpose(1, 2)
     order, valid = _compact_order(state.free, width)
+    compact = projected.gather(1, order.unsqueeze(2).expand(-1, -1, rank)) * valid.unsqueeze(2)
+    compact = compact.cpu()  # [b, width, q]: A M, free rows in row-major order, zero padding after them
     cpu_direction = direction.cpu()
-    tall = (count_cpu >= channels) & (count_cpu >= rank)
-    wide = (count_cpu < channels) & (count_cpu >= rank)
-    if bool(tall.any()):
-        rows = tall.nonzero().squeeze(1).to(direction.device)
-        basis = top3[rows, :rank].transpose(1, 2)  # E [t, C, q]
-        points, mean = state.points[rows], free_mean[rows]
-        projected = points @ basis - (mean.unsqueeze(1) @ basis)  # A E at every stored row [t, Q+1, q]
-        gathered = projected.gather(1, order[rows, :, None].expand(-1, -1, rank))
-        gathered = gathered * valid[rows, :, None]
-        q_factor = torch.linalg.qr(gathered.cpu()).Q  # [t, width, q], Householder QR on the CPU
-        scattered = torch.zeros(rows.numel(), points.shape[1], rank, dtype=torch.float32)
-        scattered.scatter_(1, order[rows, :, None].expand(-1, -1, rank).cpu(), q_factor * valid[rows, :, None].cpu())
-        scattered = scattered.to(direction.device)
-        small = scattered.transpose(1, 2) @ points - scattered.sum(dim=1).unsqueeze(2) * mean.unsqueeze(1)
-        right = torch.linalg.svd(small.cpu(), full_matrices=False).Vh[:, 0]  # [t, C]
-        signs[tall] = torch.where((right * cpu_direction[tall]).sum(dim=1) < 0, -1.0, 1.0)
-    if bool(wide.any()):
-        rows = wide.nonzero().squeeze(1).to(direction.device)
-        q_factor = torch.linalg.qr(top3[rows, :rank].transpose(1, 2).cpu()).Q  # [w, C, q]
-        q_device = q_factor.to(direction.device)
-        points, mean = state.points[rows], free_mean[rows]
-        projected = points @ q_device - (mean.unsqueeze(1) @ q_device)  # A Q [w, Q+1, q]
-        gathered = projected.gather(1, order[rows, :, None].expand(-1, -1, rank)).transpose(1, 2).cpu()  # [w, q, width]
-        # LAPACK's SVD orients U differently once zero columns pad B, so every image gets its
-        # exact [q, n_free] matrix; images with equal free counts share one batched call.
-        wide_count = count_cpu[wide]
-        left = torch.empty(rows.numel(), rank)
-        for free_positions in torch.unique(wide_count).tolist():
-            same = (wide_count == free_positions).nonzero().squeeze(1)
-            exact = gathered[same, :, :free_positions]
-            left[same] = torch.linalg.svd(exact, full_matrices=False).U[:, :, 0]  # [w', q]
-        oriented = (q_factor @ left.unsqueeze(2)).squeeze(2)  # [w, C]
-        signs[wide] = torch.where((oriented * cpu_direction[wide]).sum(dim=1) < 0, -1.0, 1.0)
-    return signs.to(direction.device)
 
+    tall_rows = tall.nonzero().squeeze(1)
+    if tall_rows.numel():
+        # Zero rows after the free ones leave Householder QR unchanged: its reflectors are zero there.
+        triangle = torch.linalg.qr(compact[tall_rows]).R  # [t, q, q]
+        # E^T A^T A = E^T G - (E^T S) S^T / n with S the free sum (A = free rows minus their mean).
+        covariance_rows = top3_gram[:, :rank] - (top3[:, :rank] @ state.free_sum.unsqueeze(2)) * (
+            free_mean.unsqueeze(1)
+        )
+        small = torch.linalg.solve_triangular(
+            triangle.transpose(1, 2), covariance_rows.cpu()[tall_rows], upper=False
+        )  # Q^T A [t, q, C]
+        right = torch.linalg.svd(small, full_matrices=False).Vh[:, 0]  # [t, C]
+        signs[tall_rows] = torch.where((right * cpu_direction[tall_rows]).sum(dim=1) < 0, -1.0, 1.0)
+    if wide_rows.numel():
+        # LAPACK orients U differently once zero columns pad B, so every image gets its exact
+        # [q', n_free] matrix; images with equal free counts share one batched call.
+        wide_count = count[wide_rows]
+        for free_positions in torch.unique(wide_count).tolist():
+            if free_positions < 1:
+                continue
+            same = (wide_count == free_positions).nonzero().squeeze(1)
+            used = min(rank, free_positions)  # pca_lowrank's q = min(3, n_free, C)
+            exact = compact[wide_rows[same], :free_positions, :used].transpose(1, 2)  # B = (A Q)^T [w', q', n]
+            left = torch.linalg.svd(exact, full_matrices=False).U[:, :, 0]  # [w', q']
+            oriented = (wide_q[same, :, :used] @ left.unsqueeze(2)).squeeze(2)  # Q U[:, 0] [w', C]
+            signs[wide_rows[same]] = torch.where((oriented * cpu_direction[wide_rows[same]]).sum(dim=1) < 0, -1.0, 1.0)
+    return signs.to(device)
 
 def _proposal_round(state: _WorkingSet, threshold: float, coverage: float, max_masks: int) -> None:
     """One PriMaPs round for every running image of the working set (updates ``state`` in place)."""
@@ -376,7 +390,7 @@ def _proposal_round(state: _WorkingSet, threshold: float, coverage: float, max_m
         state.gram, state.free_sum, state.free_count.to(torch.float32), state.basis, state.gram_basis,
         state.running, state.total_variance,
     )
-    direction = direction * _reference_orientation(state, direction, state.basis)[:, None]
+    direction = direction * _reference_orientation(state, direction, state.basis, state.gram_basis)[:, None]
     similarity = state.cosine_to(direction)
     # Nearest-neighbour refinement from the best free position.
     seed = _first_index_of_max(similarity.masked_fill(~state.free, float("-inf")))
