@@ -15,7 +15,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("primaps_dist.train", "train (also: torchrun -m primaps_dist.train)"),
     "evaluate": ("primaps_dist.evaluate", "evaluate a checkpoint (also under torchrun)"),
     "predict": ("primaps_dist.predict", "write label maps and overlays for a folder of images"),
-    "mlflow-server": ("primaps_dist.tracking_server", "start a local MLflow server (loopback by default)"),
+    "mlflow-server": ("primaps_dist.tracking.server", "start a local MLflow server (loopback by default)"),
 }
 
 

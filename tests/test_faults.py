@@ -305,7 +305,7 @@ def test_mlflow_dead_at_start_training_finishes_with_one_warning(demo_data, tmp_
 def test_mlflow_server_going_away_mid_run(demo_data, tmp_path):
     from mlflow import MlflowClient
 
-    from primaps_dist.tracking_server import start_server
+    from primaps_dist.tracking.server import start_server
 
     backend = f"sqlite:///{tmp_path / 'server.db'}"
     server = start_server(port=free_port(), backend_store_uri=backend, artifacts_destination=tmp_path / "artifacts",
@@ -477,7 +477,7 @@ def test_mlflow_server_binds_to_loopback_by_default():
     """The server has no authentication. (test_mlflow_server checks the listening socket of a real server.)"""
     import inspect
 
-    from primaps_dist import tracking_server
+    from primaps_dist.tracking import server as tracking_server
 
     assert tracking_server.DEFAULT_HOST == "127.0.0.1"
     assert inspect.signature(tracking_server.start_server).parameters["host"].default == "127.0.0.1"

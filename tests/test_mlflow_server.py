@@ -20,7 +20,7 @@ from mlflow import MlflowClient  # noqa: E402
 
 from primaps_dist.config import Config, TrackingConfig, flatten  # noqa: E402
 from primaps_dist.tracking import SPOOL_NAME, Tracker  # noqa: E402
-from primaps_dist.tracking_server import check_health, find_free_port, start_server  # noqa: E402
+from primaps_dist.tracking.server import check_health, find_free_port, start_server  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -38,6 +38,7 @@ def log_until_online(tracker: Tracker, first_step: int, timeout_s: float = 60.0)
         tracker.log_metrics({"loss": float(step), "acc": 1.0}, step)
         step += 1
         time.sleep(0.05)
+    tracker.wait_until_idle()  # the delivery thread has also sent what was logged after the flag was read
     return step
 
 
@@ -82,7 +83,7 @@ def test_server_late_then_killed_then_restarted(tmp_path, caplog):
             tracker.log_metrics({"loss": float(step), "acc": 1.0}, step)
             online_calls.append(time.perf_counter() - begin)
             step += 1
-        tracker._flush_interval_s = 1.0  # measurement only: the default batching (one log_batch per interval)
+        tracker._sender.flush_interval_s = 1.0  # measurement only: the default batching (one log_batch per interval)
         begin = time.perf_counter()
         batched_calls = 0
         while time.perf_counter() - begin < 3.0:
@@ -91,7 +92,8 @@ def test_server_late_then_killed_then_restarted(tmp_path, caplog):
             batched_calls += 1
             time.sleep(0.01)
         batched_overhead_s = time.perf_counter() - begin - 0.01 * batched_calls
-        tracker._flush_interval_s = 0.0
+        tracker._sender.flush_interval_s = 0.0
+        tracker.wait_until_idle()  # what was logged so far reaches the server before it goes away
 
         # 3. the server goes away mid-run (killed by pid): one new warning, no stop
         server.stop()
@@ -102,6 +104,7 @@ def test_server_late_then_killed_then_restarted(tmp_path, caplog):
             step += 1
         (out / "mid.txt").write_text("logged while the server was killed")
         tracker.log_artifact(out / "mid.txt", "notes")
+        tracker.wait_until_idle()  # the delivery thread has tried to send them
         assert tracker.offline and len(tracker_warnings(caplog)) == warnings_before + 1
 
         # 4. restarted on the same port with the same backend; finish() delivers the rest
@@ -135,7 +138,7 @@ def test_server_late_then_killed_then_restarted(tmp_path, caplog):
 
 def test_cli_serves_on_loopback_until_sigterm(tmp_path):
     port = find_free_port()
-    command = [sys.executable, "-m", "primaps_dist.tracking_server", "--port", str(port),
+    command = [sys.executable, "-m", "primaps_dist.tracking.server", "--port", str(port),
                "--backend-store-uri", f"sqlite:///{tmp_path / 'cli.db'}",
                "--artifacts-destination", str(tmp_path / "artifacts"), "--log-file", str(tmp_path / "server.log")]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -166,7 +169,7 @@ def test_cli_serves_on_loopback_until_sigterm(tmp_path):
 
 def test_killed_cli_does_not_orphan_the_server(tmp_path):
     port = find_free_port()
-    command = [sys.executable, "-m", "primaps_dist.tracking_server", "--port", str(port),
+    command = [sys.executable, "-m", "primaps_dist.tracking.server", "--port", str(port),
                "--backend-store-uri", f"sqlite:///{tmp_path / 'cli.db'}",
                "--artifacts-destination", str(tmp_path / "artifacts"), "--log-file", str(tmp_path / "server.log")]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

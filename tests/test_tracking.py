@@ -17,9 +17,9 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 from mlflow import MlflowClient  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
 
-from primaps_dist import tracking_server  # noqa: E402
 from primaps_dist.config import Config, TrackingConfig, flatten  # noqa: E402
 from primaps_dist.errors import ConfigError, UserError  # noqa: E402
+from primaps_dist.tracking import server as tracking_server  # noqa: E402
 from primaps_dist.tracking import (  # noqa: E402
     MAX_PARAM_VALUE_LENGTH,
     RUN_MAP_NAME,
@@ -311,6 +311,7 @@ def test_outage_mid_run_recovers_with_everything_in_order(store, experiment, tmp
             picture = tmp_path / "p.txt"
             picture.write_text("during the outage")
             tracker.log_artifact(picture)
+        tracker.wait_until_idle()  # the delivery thread has tried to send what was just logged
         assert tracker.offline == (10 <= step < 30)
     assert flaky.failed_calls >= 20
     assert tracker.finish()
