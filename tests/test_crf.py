@@ -6,7 +6,6 @@ import builtins
 import importlib.util
 import math
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,22 +17,10 @@ from hypothesis import strategies as st
 from primaps_dist import crf
 from primaps_dist.crf import PermutohedralLattice, crf_from_config, dense_crf, make_crf
 from primaps_dist.errors import UserError
+from primaps_dist.testing.crf_samples import sample_batch
 
 HAVE_PYDENSECRF = importlib.util.find_spec("pydensecrf") is not None
 needs_pydensecrf = pytest.mark.skipif(not HAVE_PYDENSECRF, reason="pydensecrf not importable (install the crf extra)")
-
-
-def _load_bench():
-    """bench/bench_crf.py holds the sample generator shared with the benchmark."""
-    path = Path(__file__).resolve().parents[1] / "bench" / "bench_crf.py"
-    spec = importlib.util.spec_from_file_location("bench_crf", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("bench_crf", module)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_bench()
 
 
 @pytest.fixture(autouse=True)
@@ -47,7 +34,7 @@ def _two_threads():
 @pytest.fixture(scope="module")
 def photos_320():
     """Four real photos at 320x320 with PriMaPs-like logits; images 1 and 3 have one -inf channel."""
-    return bench.sample_batch(4, 320, 6, unused=1)
+    return sample_batch(4, 320, 6, unused=1)
 
 
 def _agreement(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -169,10 +156,18 @@ def test_sparse_matrices_satisfy_csr_invariants():
     generator = torch.Generator().manual_seed(2)
     lattice = PermutohedralLattice.build(torch.rand(400, 5, generator=generator) * 3, num_groups=2)
     operator = crf.LatticeOperator(lattice, weight=1.0)
-    for matrix in [operator._splat, operator._slice, *operator._blur]:
-        torch._validate_sparse_csr_tensor_args(
-            matrix.crow_indices(), matrix.col_indices(), matrix.values(), matrix.shape
-        )
+    matrices = [operator._splat, operator._slice, *operator._blur]
+    assert len(matrices) >= 3
+    for matrix in matrices:
+        assert matrix.layout == torch.sparse_csr
+        rows, columns = matrix.crow_indices(), matrix.col_indices()
+        assert rows[0] == 0 and rows[-1] == columns.numel() == matrix.values().numel()
+        assert bool((rows[1:] >= rows[:-1]).all())
+        assert bool(((columns >= 0) & (columns < matrix.shape[1])).all())
+        row_of_entry = torch.repeat_interleave(torch.arange(matrix.shape[0]), rows.diff())
+        same_row = row_of_entry[1:] == row_of_entry[:-1]
+        assert bool((columns[1:] > columns[:-1])[same_row].all()), "columns not sorted and unique within a row"
+        torch._validate_sparse_csr_tensor_args(rows, columns, matrix.values(), matrix.shape)
 
 
 def test_lattice_rejects_bad_input():

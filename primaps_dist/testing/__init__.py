@@ -1,0 +1,9 @@
+"""Reference data shared by the tests (``tests/``) and the benchmarks (``bench/``).
+
+Both import from here (``from primaps_dist.testing.crf_samples import sample_batch``), so neither reaches into
+the other's folder. The modules build inputs (real photos, PriMaPs-like logits) from scratch; they do not call
+the code they are used to check, and no module of the package outside ``testing`` imports them.
+
+- :mod:`primaps_dist.testing.crf_samples`: scikit-image photos with PriMaPs-like log-probabilities, the input
+  of the dense-CRF agreement tests and of ``bench/bench_crf.py``.
+"""
