@@ -129,6 +129,28 @@ def test_num_classes_validation_property(k: int) -> None:
             load_config(None, [f"data.num_classes={k}"])
 
 
-def test_defaults_validate() -> None:
-    assert Config().validate() is not None
-    yaml.safe_dump(Config().to_dict())
+# One invalid value per section: Config.validate must reach every section, not only accept the defaults.
+BROKEN_VALUE = {
+    "data": ("num_classes", 1),
+    "backbone": ("name", "resnet9000"),
+    "proposals": ("threshold", 1.5),
+    "crf": ("iterations", 0),
+    "em": ("mode", "magic"),
+    "train": ("pca_steps", 0),
+    "checkpoint": ("keep", 0),
+    "tracking": ("num_overlays", -1),
+    "dist": ("timeout_s", -1.0),
+    "eval": ("resize_short", -1),
+}
+
+
+def test_defaults_validate_and_every_section_is_checked() -> None:
+    cfg = Config()
+    assert cfg.validate() is cfg and cfg == Config()  # returns the config itself, unchanged
+    yaml.safe_dump(cfg.to_dict())
+    assert set(BROKEN_VALUE) == {section.name for section in dataclasses.fields(Config)}
+    for section, (key, value) in BROKEN_VALUE.items():
+        broken = Config()
+        setattr(getattr(broken, section), key, value)
+        with pytest.raises(ConfigError, match=f"'{section}.{key}'"):
+            broken.validate()

@@ -112,11 +112,17 @@ def test_draw_proposals(tmp_path):
 def test_plot_confusion_and_iou(tmp_path):
     confusion = np.array([[8, 2, 0], [0, 0, 0], [1, 1, 8]], dtype=np.int64)
     np.testing.assert_allclose(vis.row_normalise(confusion), [[0.8, 0.2, 0], [0, 0, 0], [0.1, 0.1, 0.8]])
-    path = vis.plot_confusion(confusion, ["road", "sky", "car"], tmp_path / "confusion.png", cluster_for_class=[2, 0, 1])
+    names = ["road", "sky", "car"]
+    path = vis.plot_confusion(confusion, names, tmp_path / "confusion.png", cluster_for_class=[2, 0, 1])
     with Image.open(path) as picture:
-        assert picture.size[0] > 300 and picture.size[1] > 300
+        small = picture.size
+        reordered = np.asarray(picture.convert("RGB"))
+    assert small[0] > 300 and small[1] > 300
+    with Image.open(vis.plot_confusion(confusion, names, tmp_path / "plain.png")) as picture:
+        assert not np.array_equal(np.asarray(picture.convert("RGB")), reordered)  # the columns were reordered
     big = np.random.default_rng(0).integers(0, 100, size=(27, 27))
-    vis.plot_confusion(big, None, tmp_path / "confusion27.png")
+    with Image.open(vis.plot_confusion(big, None, tmp_path / "confusion27.png")) as picture:
+        assert picture.size[0] > small[0] and picture.size[1] > small[1]  # room for 27 rows and columns
     with pytest.raises(ValueError, match=r"\[K, K\]"):
         vis.plot_confusion(np.zeros((2, 3)), None, tmp_path / "bad.png")
     ious = np.array([0.5, np.nan, 0.25])
