@@ -216,7 +216,9 @@ class _WorkingSet:
         self.total_variance = torch.diagonal(self.gram, dim1=1, dim2=2).sum(dim=1)
         self.basis = _start_basis(centred.transpose(1, 2), min(block, channels))
         self.gram_basis: torch.Tensor | None = None  # basis @ gram once known
-        self.inverse_norm = F.pad(1.0 / norm.clamp(min=1e-12), (0, 1))  # [b, Q+1], F.normalize's eps
+        # F.normalize's eps; exactly 0 at zero vectors, whose centred dot products only cancel up to
+        # rounding (the residue times 1e12 would make them look like the most similar positions).
+        self.inverse_norm = F.pad(torch.where(norm > 0, 1.0 / norm.clamp(min=1e-12), 0.0), (0, 1))  # [b, Q+1]
         self.position = F.pad(torch.arange(positions, device=device), (0, 1), value=-1).expand(batch, -1)
         self.free = F.pad(torch.ones(batch, positions, dtype=torch.bool, device=device), (0, 1))
         self.free_count = torch.full((batch,), positions, dtype=torch.int64, device=device)
@@ -247,12 +249,16 @@ class _WorkingSet:
         self.position = self.position.gather(1, order)
         self.free = self.free.gather(1, order)
 
-    def cosine_to(self, direction: torch.Tensor) -> torch.Tensor:
-        """<direction, n> per stored row: direction [b, C] -> [b, Q+1], 0 at covered rows."""
+    def cosine_to(self, direction: torch.Tensor, centred_dots: torch.Tensor | None = None) -> torch.Tensor:
+        """<direction, n> per stored row: direction [b, C] -> [b, Q+1], 0 at covered rows.
+
+        ``centred_dots`` [b, Q+1]: ``points @ direction`` when the caller already has it."""
         offset = (direction * self.mean).sum(dim=1, keepdim=True)
-        # A [b, 1, C] row viewed as [b, C, 1] takes MKL's GEMM path, several times faster on CPU
-        # than a contiguous [b, C, 1] column (GEMV).
-        dots = ((self.points @ direction.unsqueeze(1).transpose(1, 2)).squeeze(2) + offset) * self.inverse_norm
+        if centred_dots is None:
+            # A [b, 1, C] row viewed as [b, C, 1] takes MKL's GEMM path, several times faster on CPU
+            # than a contiguous [b, C, 1] column (GEMV).
+            centred_dots = (self.points @ direction.unsqueeze(1).transpose(1, 2)).squeeze(2)
+        dots = (centred_dots + offset) * self.inverse_norm
         return dots.masked_fill(~self.free, 0.0)
 
     def unit_feature(self, row: torch.Tensor) -> torch.Tensor:
@@ -303,7 +309,7 @@ def _compact_order(free: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.
 
 def _reference_orientation(
     state: "_WorkingSet", direction: torch.Tensor, top3: torch.Tensor, top3_gram: torch.Tensor
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     """+1 / -1 per image: the sign that ``torch.pca_lowrank(q=3)`` gives the principal direction.
 
     A principal direction has no intrinsic sign, but the published method takes the one that
@@ -324,11 +330,12 @@ def _reference_orientation(
 
     For tall ``A``, ``Q^T A`` is not formed from the features: with ``A E = Q R``,
     ``Q^T A = R^-T E^T (A^T A)``, and ``E^T A^T A`` follows from the running Gram matrix. One pass
-    over the stored features (``A M``, three columns) is all this costs.
+    over the stored features (``A M``, three columns, plus ``points @ direction`` for the caller) is
+    all this costs.
 
     direction [b, C] unit top eigenvector, top3 [b, k, C] orthonormal rows by decreasing eigenvalue
     (k >= 1, first row ~ direction), top3_gram [b, k, C] = top3 @ G (G the running Gram matrix)
-    -> [b] float32 on ``direction``'s device.
+    -> (signs [b] float32, ``points @ direction`` [b, Q+1]) on ``direction``'s device.
     """
     batch, channels = direction.shape
     device = direction.device
@@ -336,8 +343,6 @@ def _reference_orientation(
     rank = min(3, top3.shape[1], channels)
     width = int(count.max())
     signs = torch.ones(batch, dtype=torch.float32)
-    if width < 1:
-        return signs.to(device)
     tall = count >= channels  # pca_lowrank keeps A as it is; otherwise it works on A^T
     wide_rows = (~tall).nonzero().squeeze(1)
     # Per image one [C, q] matrix M: E for tall images, Q = qr(E).Q for wide ones; one pass over the
@@ -348,9 +353,13 @@ def _reference_orientation(
         rows[wide_rows.to(device)] = wide_q.transpose(1, 2).to(device)
     free_count = state.free_count.clamp(min=1).to(torch.float32)
     free_mean = state.free_sum / free_count[:, None]  # [b, C]
-    # [b, Q+1, C] @ (a transposed view of rows [b, q, C]) takes a GEMM path several times faster
-    # on CPU than a contiguous [b, C, q] operand.
-    projected = state.points @ rows.transpose(1, 2) - (rows @ free_mean.unsqueeze(2)).transpose(1, 2)
+    # [b, Q+1, C] @ (a transposed view of [b, 1+q, C]) takes a GEMM path several times faster on
+    # CPU than a contiguous [b, C, 1+q] operand.
+    products = state.points @ torch.cat([direction.unsqueeze(1), rows], dim=1).transpose(1, 2)
+    direction_dots = products[:, :, 0]
+    if width < 1:
+        return signs.to(device), direction_dots
+    projected = products[:, :, 1:] - (rows @ free_mean.unsqueeze(2)).transpose(1, 2)
     order, valid = _compact_order(state.free, width)
     compact = projected.gather(1, order.unsqueeze(2).expand(-1, -1, rank)) * valid.unsqueeze(2)
     compact = compact.cpu()  # [b, width, q]: A M, free rows in row-major order, zero padding after them
@@ -367,6 +376,8 @@ def _reference_orientation(
         small = torch.linalg.solve_triangular(
             triangle.transpose(1, 2), covariance_rows.cpu()[tall_rows], upper=False
         )  # Q^T A [t, q, C]
+        # A rank-deficient A E (e.g. constant features) has no defined orientation: any finite input.
+        small = torch.nan_to_num(small, nan=0.0, posinf=0.0, neginf=0.0)
         right = torch.linalg.svd(small, full_matrices=False).Vh[:, 0]  # [t, C]
         signs[tall_rows] = torch.where((right * cpu_direction[tall_rows]).sum(dim=1) < 0, -1.0, 1.0)
     if wide_rows.numel():
@@ -382,7 +393,7 @@ def _reference_orientation(
             left = torch.linalg.svd(exact, full_matrices=False).U[:, :, 0]  # [w', q']
             oriented = (wide_q[same, :, :used] @ left.unsqueeze(2)).squeeze(2)  # Q U[:, 0] [w', C]
             signs[wide_rows[same]] = torch.where((oriented * cpu_direction[wide_rows[same]]).sum(dim=1) < 0, -1.0, 1.0)
-    return signs.to(device)
+    return signs.to(device), direction_dots
 
 def _proposal_round(state: _WorkingSet, threshold: float, coverage: float, max_masks: int) -> None:
     """One PriMaPs round for every running image of the working set (updates ``state`` in place)."""
@@ -390,8 +401,9 @@ def _proposal_round(state: _WorkingSet, threshold: float, coverage: float, max_m
         state.gram, state.free_sum, state.free_count.to(torch.float32), state.basis, state.gram_basis,
         state.running, state.total_variance,
     )
-    direction = direction * _reference_orientation(state, direction, state.basis, state.gram_basis)[:, None]
-    similarity = state.cosine_to(direction)
+    signs, direction_dots = _reference_orientation(state, direction, state.basis, state.gram_basis)
+    direction = direction * signs[:, None]
+    similarity = state.cosine_to(direction, direction_dots * signs[:, None])
     # Nearest-neighbour refinement from the best free position.
     seed = _first_index_of_max(similarity.masked_fill(~state.free, float("-inf")))
     similarity = state.cosine_to(state.unit_feature(seed))
