@@ -30,7 +30,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from primaps_dist.config import CRFConfig  # noqa: E402
 from primaps_dist.crf import crf_from_config  # noqa: E402
-from primaps_dist.primaps import argmax_channels, mask_logits, upsample_logits  # noqa: E402
+from primaps_dist.ops import argmax_channels, upsample_logits  # noqa: E402
+from primaps_dist.primaps import mask_logits  # noqa: E402
 from primaps_dist.pseudo_labels import (  # noqa: E402
     _label_groups,
     _resize_images,

@@ -46,12 +46,12 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
-    "argmax_channels",
+    "logits_from_maps",
     "mask_logits",
     "median_filter_3x3",
     "postprocess_masks",
     "principal_masks",
-    "upsample_logits",
+    "proposal_maps",
 ]
 
 # Subspace size of the block eigen-solver: a pass [b, k, C] @ [b, C, C] costs little more for k = 16
@@ -419,7 +419,7 @@ def _proposal_round(state: _WorkingSet, threshold: float, coverage: float, max_m
     state.running = productive & (covered_fraction < coverage) & (state.counts < max_masks)
 
 
-def _proposal_maps(
+def proposal_maps(
     features: torch.Tensor, threshold: float, coverage: float, max_masks: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run the proposal rounds. Returns (mask_id [B, h, w] int64 with 0 = no proposal and k = the
@@ -474,7 +474,7 @@ def principal_masks(
     Raises:
         ValueError: wrong shape or dtype, NaN/Inf values, or an invalid parameter.
     """
-    mask_id, mask_value, counts = _proposal_maps(features, threshold, coverage, max_masks)
+    mask_id, mask_value, counts = proposal_maps(features, threshold, coverage, max_masks)
     batch, height, width = mask_id.shape
     channels = max(1, int(counts.max()))
     masks = torch.zeros(batch, channels, height, width, dtype=torch.float32, device=mask_id.device)
@@ -561,7 +561,7 @@ def _neighbourhoods(maps: torch.Tensor) -> torch.Tensor:
     )
 
 
-def _logits_from_maps(
+def logits_from_maps(
     mask_id: torch.Tensor, mask_value: torch.Tensor, counts: torch.Tensor, median_filter: bool
 ) -> torch.Tensor:
     """:func:`postprocess_masks` for disjoint proposals given as (id, value) maps, without the dense stack.
@@ -621,39 +621,5 @@ def mask_logits(
         ``argmax`` over dim 1 gives the (pre-CRF) mask id per position. Equal (up to float
         rounding) to ``postprocess_masks(*principal_masks(features, ...), median_filter)``.
     """
-    mask_id, mask_value, counts = _proposal_maps(features, threshold, coverage, max_masks)
-    return _logits_from_maps(mask_id, mask_value, counts, median_filter)
-
-
-def upsample_logits(
-    logits: torch.Tensor, size: tuple[int, int], memory_format: torch.memory_format = torch.contiguous_format
-) -> torch.Tensor:
-    """Bilinear (align_corners=False) resize of log-probabilities that may contain ``-inf``.
-
-    Plain ``F.interpolate`` turns ``-inf`` into NaN wherever a ``-inf`` neighbour has interpolation
-    weight exactly 0 (``0 * -inf``), e.g. at the borders, and ``argmax`` then picks that channel. Here
-    an output is ``-inf`` exactly when a neighbour with positive weight is ``-inf``; other values are
-    the usual interpolation of the finite values. Channels that are ``-inf`` everywhere (unused
-    proposals) take a fast path.
-
-    logits [B, L, h, w] float -> [B, L, H, W] float32 in ``memory_format`` (``torch.channels_last``
-    makes the resize and a following ``argmax(1)`` several times faster on CPU).
-    """
-    logits = logits.to(torch.float32)
-    size = (int(size[0]), int(size[1]))
-    forbidden = torch.isneginf(logits)
-    source = logits.masked_fill(forbidden, 0.0).contiguous(memory_format=torch.channels_last)
-    resized = F.interpolate(source, size=size, mode="bilinear", align_corners=False)
-    dead = forbidden.all(dim=3).all(dim=2)  # [B, L]
-    if bool((forbidden.any(dim=3).any(dim=2) & ~dead).any()):
-        reach = F.interpolate(forbidden.to(torch.float32), size=size, mode="bilinear", align_corners=False)
-        resized = resized.masked_fill(reach > 0, float("-inf"))
-    elif bool(dead.any()):
-        resized = resized.masked_fill(dead[:, :, None, None], float("-inf"))
-    return resized.contiguous(memory_format=memory_format)
-
-
-def argmax_channels(scores: torch.Tensor) -> torch.Tensor:
-    """``scores.argmax(1)`` for [B, L, H, W] (first maximum on ties), via a channels-last copy: on
-    CPU the reduction over a contiguous channel axis is several times faster. -> [B, H, W] int64."""
-    return scores.contiguous(memory_format=torch.channels_last).argmax(dim=1)
+    mask_id, mask_value, counts = proposal_maps(features, threshold, coverage, max_masks)
+    return logits_from_maps(mask_id, mask_value, counts, median_filter)

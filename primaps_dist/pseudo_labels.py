@@ -17,9 +17,11 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-# The private pair behind ``mask_logits``: the raw proposal maps (before the median filter) are needed for
-# the proposal-size statistics, and ``mask_logits`` does not return them.
-from primaps_dist.primaps import _logits_from_maps, _proposal_maps, argmax_channels, upsample_logits
+from primaps_dist.ops import argmax_channels, upsample_logits
+
+# The two halves of ``mask_logits``: the raw proposal maps (before the median filter) are needed for the
+# proposal-size statistics, and ``mask_logits`` does not return them.
+from primaps_dist.primaps import logits_from_maps, proposal_maps
 
 __all__ = ["ProposalStats", "PseudoLabels", "assemble", "predict_classes", "generate", "proposal_stats_on_grid"]
 
@@ -237,8 +239,8 @@ def generate(
     if min(size) < 1:
         raise ValueError(f"label_size must be positive, got {size}")
     # = mask_logits(...), keeping the raw proposal maps for the statistics.
-    raw_ids, raw_values, counts = _proposal_maps(features, threshold, coverage, max_masks)
-    logits = _logits_from_maps(raw_ids, raw_values, counts, median_filter)
+    raw_ids, raw_values, counts = proposal_maps(features, threshold, coverage, max_masks)
+    logits = logits_from_maps(raw_ids, raw_values, counts, median_filter)
     batch = features.shape[0]
     device = features.device
     mask_ids = torch.empty(batch, *size, dtype=torch.int64, device=device)

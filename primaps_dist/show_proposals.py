@@ -23,7 +23,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from primaps_dist.backbones import build_backbone
     from primaps_dist.checkpoint import ensure_writable_dir
     from primaps_dist.crf import crf_from_config
-    from primaps_dist.primaps import mask_logits, upsample_logits
+    from primaps_dist.ops import upsample_logits
+    from primaps_dist.primaps import mask_logits
 
     parser = argparse.ArgumentParser(prog="primaps-dist show-proposals", description=__doc__.split("\n\n")[0])
     parser.add_argument("images", nargs="+", help="image files or directories")

@@ -10,12 +10,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from primaps_dist.primaps import (
-    argmax_channels,
     mask_logits,
     median_filter_3x3,
     postprocess_masks,
     principal_masks,
-    upsample_logits,
 )
 from primaps_reference import (
     OracleAgreement,
@@ -194,34 +192,6 @@ def test_median_filter_matches_unfold_median():
         assert torch.equal(median_filter_3x3(values), expected)
     single = torch.rand(1, 1, 1, 1)
     assert torch.equal(median_filter_3x3(single), single)
-
-
-def test_upsample_logits_keeps_minus_inf_without_nan():
-    logits = torch.log_softmax(torch.randn(2, 4, 5, 5), dim=1)
-    logits[0, 3] = float("-inf")
-    resized = upsample_logits(logits, (40, 40))
-    assert not torch.isnan(resized).any()
-    assert torch.isneginf(resized[0, 3]).all() and torch.isfinite(resized[0, :3]).all()
-    torch.testing.assert_close(resized[1], F.interpolate(logits[1:], (40, 40), mode="bilinear")[0])
-    assert (resized[0].argmax(0) != 3).all()
-    # Partly forbidden channel: -inf exactly where a neighbour with positive weight is -inf.
-    partial = torch.zeros(1, 2, 4, 4)
-    partial[0, 1, :2] = float("-inf")
-    resized = upsample_logits(partial, (8, 8))
-    reach = F.interpolate(torch.isneginf(partial).float(), (8, 8), mode="bilinear") > 0
-    assert torch.equal(torch.isneginf(resized), reach) and not torch.isnan(resized).any()
-    assert upsample_logits(partial, (8, 8), memory_format=torch.channels_last).is_contiguous(
-        memory_format=torch.channels_last)
-
-
-def test_argmax_channels_matches_argmax_with_ties():
-    scores = torch.randint(0, 3, (2, 5, 7, 9)).float()
-    assert torch.equal(argmax_channels(scores), scores.argmax(1))
-
-
-# ------------------------------------------------------------------------------------------------
-# Degenerate inputs and errors
-# ------------------------------------------------------------------------------------------------
 
 
 def test_constant_features_give_one_mask_covering_everything():

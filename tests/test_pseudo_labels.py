@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from primaps_dist.primaps import mask_logits, upsample_logits
+from primaps_dist.ops import upsample_logits
+from primaps_dist.primaps import mask_logits
 from primaps_dist.pseudo_labels import PseudoLabels, assemble, generate, predict_classes
 from primaps_reference import planted_features
 
