@@ -11,7 +11,7 @@ DEMO_DATA_ARGS ?=
 # extra key=value overrides for the demo's train/evaluate (tests use them for a tiny run)
 DEMO_OVERRIDES ?=
 
-.PHONY: install demo demo-data test test-fast bench clean
+.PHONY: install system-deps demo demo-data test test-fast bench clean
 
 install: $(VENV)/.installed
 
@@ -38,6 +38,17 @@ demo: demo-data
 	$(VENV)/bin/python -m primaps_dist.predict --checkpoint $(DEMO_DIR)/run/checkpoints/latest \
 		--images $(DEMO_DIR)/images/val/images --out $(DEMO_DIR)/predictions --limit 8 --assignment $(DEMO_DIR)/run/metrics.json
 	@echo "pictures: $(DEMO_DIR)/run/metrics.json and confusion/per-class IoU/overlay PNGs beside it, $(DEMO_DIR)/run/eval/, $(DEMO_DIR)/predictions/"
+
+# System packages for the integration tests (Debian/Ubuntu, root or sudo): a real single-node SLURM
+# (slurm-wlm + munge) for tests/test_slurm.py, g++ for DeepSpeed's JIT-built CPU comm op. .ci/run calls this.
+system-deps:
+	@if command -v slurmctld >/dev/null 2>&1 && command -v munged >/dev/null 2>&1 && command -v g++ >/dev/null 2>&1; then \
+		echo "system-deps: slurm-wlm, munge and g++ are installed"; \
+	else \
+		SUDO=""; [ "$$(id -u)" = 0 ] || SUDO="sudo"; \
+		export DEBIAN_FRONTEND=noninteractive; \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq slurm-wlm munge g++ >/dev/null; \
+	fi
 
 test: install
 	$(PY) -m pytest $(PYTEST_ARGS)
