@@ -1,8 +1,76 @@
-"""Shared test fixtures. Tests never touch the network: hub downloads are disabled here."""
+"""Shared fixtures (built lazily, once per session) and the run's summary of what did not run.
+
+Tests never touch the network: hub downloads are disabled here. Helpers live in ``tests/support/``.
+
+Fixtures:
+
+- ``demo_data`` -> :class:`support.demo.DemoData`: the demo data set and its shards.
+- ``demo_checkpoint`` -> Path: the ``checkpoints`` folder of a 2-step run on ``demo_data`` (PCA + one
+  K-means step, EfficientNet-Lite0 layers [2, 3], crop 64, K = 6).
+- ``slurm_cluster`` -> :class:`support.slurm.SlurmCluster`: a real single-node SLURM (skips without it,
+  fails under ``CI``).
+"""
 
 import os
+import shutil
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TIMM_USE_OLD_CACHE", "0")
 os.environ.setdefault("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+pytest.register_assert_rewrite("support")
+
+from support.demo import DemoData, build_demo_data, tiny_train_args  # noqa: E402
+from support.env import child_env  # noqa: E402
+from support.run import module_command, run_checked  # noqa: E402
+from support.slurm import SlurmCluster, require_slurm  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def demo_data(tmp_path_factory) -> DemoData:
+    return build_demo_data(tmp_path_factory.mktemp("demo"))
+
+
+@pytest.fixture(scope="session")
+def demo_checkpoint(demo_data, tmp_path_factory) -> Path:
+    """``checkpoints`` folder of a tiny finished run (steps: 1 PCA + 1 K-means)."""
+    out = tmp_path_factory.mktemp("demo_run") / "run"
+    run_checked(module_command("primaps_dist.train", *tiny_train_args(demo_data.train_shards, out)),
+                env=child_env(out.parent), timeout=240)
+    return out / "checkpoints"
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A started :class:`SlurmCluster` for the whole session; all daemons stopped at teardown."""
+    require_slurm()
+    root = tempfile.mkdtemp(prefix="primaps-slurm-")  # short: munge's socket path must stay below ~108 bytes
+    cluster = SlurmCluster(root)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Name what did not run on this machine and why, one line per reason, so a skip is never silent."""
+    reasons: Counter = Counter()
+    for report in terminalreporter.stats.get("skipped", []):
+        if isinstance(report.longrepr, tuple) and len(report.longrepr) == 3:
+            reason = str(report.longrepr[2])
+        else:
+            reason = str(report.longrepr)
+        reasons[reason.removeprefix("Skipped: ")] += 1
+    if not reasons:
+        return
+    terminalreporter.section("not run on this machine", sep="=", yellow=True, bold=True)
+    for reason, count in reasons.most_common():
+        terminalreporter.line(f"{count:3d} skipped: {reason}")

@@ -3,7 +3,7 @@
 One table (:data:`CASES`) drives one parametrised test. A case is a CLI command (``train``, ``evaluate``,
 ``predict``, ``make-shards``) and what must happen:
 
-- ``fails(*needles)``: exit status != 0, no ``Traceback`` anywhere in the output, and the last non-empty line
+- ``fails(*needles)``: exit status 2, no ``Traceback`` anywhere in the output, and the last non-empty line
   of stderr is ``error: ...`` containing every needle (the config key or the file).
 - ``works(check)``: exit status 0, no traceback, then ``check`` looks at the outputs (checkpoint contents,
   ``skipped_total``, logged warnings, index.json).
@@ -15,14 +15,8 @@ stderr captured, which is the same code path without the interpreter start-up.
 
 from __future__ import annotations
 
-import contextlib
-import importlib
-import io
 import json
-import logging
-import signal
-import socket
-import traceback
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -31,27 +25,20 @@ import numpy as np
 import pytest
 import torch
 
-pytest.register_assert_rewrite("helpers_demo")
-
-from helpers_demo import (  # noqa: E402
-    DEMO_CHANNELS,
-    DEMO_CONFIG,
-    NUM_CLASSES,
-    DemoData,
+from primaps_dist.data.synthetic import encode_image
+from support.checkpoints import newest_payload
+from support.demo import DEMO_CHANNELS, DEMO_CONFIG, NUM_CLASSES, DemoData, tiny_train_args, write_shard
+from support.env import REPO, child_env
+from support.net import free_port
+from support.run import (
     Result,
     assert_one_line_error,
-    child_env,
-    load_checkpoint_file,
     module_command,
     run_command,
-    tiny_train_args,
+    run_main_in_process,
     torchrun_command,
-    write_shard,
 )
-from primaps_dist.data.synthetic import encode_image  # noqa: E402
-from primaps_dist.errors import run_cli  # noqa: E402
 
-pytest_plugins = ["helpers_demo"]
 pytestmark = pytest.mark.slow
 
 TRAIN, EVALUATE, PREDICT = "primaps_dist.train", "primaps_dist.evaluate", "primaps_dist.predict"
@@ -105,7 +92,7 @@ def works(check: Callable[[Ctx, Result], None] | None = None) -> Callable[[Ctx, 
 
 
 def shows_traceback(ctx: Ctx, result: Result) -> None:
-    assert result.returncode != 0, result.describe()
+    assert result.returncode == 1, result.describe()  # --debug re-raises: Python's status for an uncaught error
     assert "Traceback (most recent call last)" in result.stderr, result.describe()
     assert "UserError: config file not found" in result.stderr, result.describe()
 
@@ -114,7 +101,7 @@ def trained(skipped: int = 0, *log_needles: str) -> Callable[[Ctx, Result], None
     """The tiny run finished: final checkpoint at step 2 with unit prototypes and ``skipped_total == skipped``."""
 
     def check(ctx: Ctx, result: Result) -> None:
-        payload = load_checkpoint_file(ctx.tmp / "run" / "checkpoints")
+        payload = newest_payload(ctx.tmp / "run")
         assert payload["step"] == 2
         prototypes = payload["prototypes"]
         assert prototypes.shape == (NUM_CLASSES, DEMO_CHANNELS) and torch.isfinite(prototypes).all()
@@ -142,7 +129,7 @@ def shards_report(reason: str, label_name: str) -> Callable[[Ctx, Result], None]
 
 def fewer_shards_check(ctx: Ctx, result: Result) -> None:
     """Two ranks x two loader workers on ONE train shard and ONE val shard: trains, evaluates every val sample once."""
-    payload = load_checkpoint_file(ctx.tmp / "run" / "checkpoints")
+    payload = newest_payload(ctx.tmp / "run")
     assert payload["step"] == 2 and payload["world_size"] == 2 and payload["skipped_total"] == 0
     metrics = json.loads((ctx.tmp / "run" / "eval" / "metrics.json").read_text())
     assert metrics["num_images"] == 4  # the one val shard holds 4 samples; rank 1 has none and waits
@@ -276,12 +263,6 @@ def a_file(ctx: Ctx) -> Path:
     return write_text(ctx, "file", "a regular file where a directory should be")
 
 
-def dead_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]  # closed on return: nothing listens there
-
-
 def tiny(ctx: Ctx, shards: str | Path, *extra: str, **options) -> list[str]:
     return tiny_train_args(shards, ctx.tmp / "run", *extra, **options)
 
@@ -370,12 +351,12 @@ CASES = [
          lambda c: tiny(c, c.data.train_shards, "backbone.name=dino_vits8", "backbone.layers=[]",
                         "backbone.weights=pretrained"),
          fails("backbone.weights", "vit_small_patch8_224.dino", "set backbone.weights=PATH"), subprocess=True,
-         env={"HF_HUB_OFFLINE": None, "HF_ENDPOINT": f"http://127.0.0.1:{dead_port()}", "HTTPS_PROXY": None,
+         env={"HF_HUB_OFFLINE": None, "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}", "HTTPS_PROXY": None,
               "https_proxy": None, "ALL_PROXY": None, "all_proxy": None, "HF_HOME": "{tmp}/hf"},
          timeout=120),
     # --- tracking and outputs
     Case("unreachable_mlflow_uri", TRAIN,
-         lambda c: tiny(c, c.data.train_shards, f"tracking.tracking_uri=http://127.0.0.1:{dead_port()}",
+         lambda c: tiny(c, c.data.train_shards, f"tracking.tracking_uri=http://127.0.0.1:{free_port()}",
                         tracking=True),
          works(mlflow_spooled), subprocess=True),
     Case("output_dir_under_a_file", TRAIN, lambda c: tiny_train_args(c.data.train_shards, a_file(c) / "run"),
@@ -387,51 +368,17 @@ CASES = [
 ]
 
 
-# ----------------------------------------------------------------------------------------------- runners
-
-
-@contextlib.contextmanager
-def _process_state_restored():
-    """In-process runs install signal handlers and reconfigure logging; give the test process its own back."""
-    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-    root = logging.getLogger()
-    root_handlers, root_level = list(root.handlers), root.level
-    try:
-        yield
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
-        for handler in list(root.handlers):
-            if handler not in root_handlers:
-                root.removeHandler(handler)
-        for handler in root_handlers:
-            if handler not in root.handlers:
-                root.addHandler(handler)
-        root.setLevel(root_level)
-
-
-def run_in_process(module_name: str, argv: Sequence[str]) -> Result:
-    """``run_cli(module.main, argv)`` with stdout/stderr captured, as the entry point would run it."""
-    import time
-
-    module = importlib.import_module(module_name)
-    out, err = io.StringIO(), io.StringIO()
-    begin = time.monotonic()
-    with _process_state_restored(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = run_cli(module.main, list(argv))
-        except SystemExit as exit_:  # argparse
-            code = exit_.code if isinstance(exit_.code, int) else 1
-        except BaseException:  # what an interpreter would print for an uncaught exception
-            traceback.print_exc(file=err)
-            code = 1
-    return Result([module_name, *argv], code, out.getvalue(), err.getvalue(), time.monotonic() - begin)
-
-
 def test_the_table_is_large_and_one_third_runs_in_subprocesses():
     assert len(CASES) >= 22
     assert len({case.id for case in CASES}) == len(CASES)
     assert 3 * sum(case.subprocess for case in CASES) >= len(CASES)
+
+
+def test_readme_states_the_size_of_the_table():
+    readme = (REPO / "README.md").read_text()
+    stated = re.search(r"`tests/test_bad_input\.py` holds the table \((\d+) cases\)", readme)
+    assert stated is not None, "README no longer points at the table"
+    assert int(stated.group(1)) == len(CASES)
 
 
 @pytest.mark.parametrize("case", [
@@ -453,7 +400,7 @@ def test_bad_input(case: Case, demo_data, request, tmp_path):
     else:
         assert not case.env, "in-process cases cannot change the environment"
         torch.set_num_threads(1)
-        result = run_in_process(case.module, argv)
+        result = run_main_in_process(case.module, argv)
     case.expect(ctx, result)
     assert not list(ctx.tmp.rglob("*.tmp-*")), "an interrupted checkpoint folder was left behind"
 

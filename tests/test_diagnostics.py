@@ -12,13 +12,13 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from helpers_demo import child_env, module_command, run_command, tiny_train_args
 from primaps_dist.diagnostics import METRIC_KEYS, DiagnosticsWindow, HealthMonitor
 from primaps_dist.primaps import principal_masks
 from primaps_dist.pseudo_labels import ProposalStats, generate
 from primaps_reference import planted_features
-
-pytest_plugins = ["helpers_demo"]
+from support.demo import tiny_train_args
+from support.env import child_env
+from support.run import module_command, run_command
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-import _dist_utils as utils
 from primaps_dist import distributed
 from primaps_dist.config import DistConfig
 from primaps_dist.distributed import (
@@ -22,7 +21,8 @@ from primaps_dist.distributed import (
     guard_collective,
 )
 from primaps_dist.errors import UserError
-from slurm_cluster import slurm_cluster  # noqa: F401  (session fixture: a real single-node SLURM)
+from support import dist_pipelines as utils
+from support.env import child_env
 
 TORCHRUN = {
     "RANK": "3",
@@ -199,7 +199,7 @@ def test_hung_peer_ends_with_clear_error_not_a_hang():
 
 
 @pytest.mark.slow
-def test_srun_without_torchrun_forms_a_process_group(slurm_cluster, tmp_path):  # noqa: F811
+def test_srun_without_torchrun_forms_a_process_group(slurm_cluster, tmp_path):
     """``sbatch --ntasks=2`` + ``srun python ...``: ranks, world and master come from the SLURM step."""
     script = tmp_path / "job.sh"
     script.write_text(
@@ -207,7 +207,7 @@ def test_srun_without_torchrun_forms_a_process_group(slurm_cluster, tmp_path):  
         f"srun --ntasks=2 --cpus-per-task=1 {sys.executable} {utils.WORKERS} srun {tmp_path}\n"
     )
     log_path = tmp_path / "job.out"
-    env = {k: v for k, v in utils.clean_env().items() if k in ("PYTHONPATH", "OMP_NUM_THREADS")}
+    env = {k: v for k, v in child_env().items() if k in ("PYTHONPATH", "OMP_NUM_THREADS")}
     job = slurm_cluster.sbatch(["--ntasks=2", "--cpus-per-task=1", f"--output={log_path}", str(script)],
                                cwd=tmp_path, extra_env=env)
     info = slurm_cluster.wait(job, 180)

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-import _dist_utils as utils
+from support import dist_pipelines as utils
 from primaps_dist import distributed
 from primaps_dist.em.gradient import (
     GradientEngine,

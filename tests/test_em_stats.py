@@ -9,9 +9,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 
-import _dist_utils as utils
 from primaps_dist import distributed
 from primaps_dist.em.stats import PrototypeState, batch_stats, stats_step
+from support import dist_pipelines as utils
 
 torch.set_num_threads(1)
 

@@ -11,19 +11,11 @@ import time
 import pytest
 import torch
 
-from launch_helpers import (
-    BIN,
-    DEMO_CONFIG,
-    REPO,
-    demo_shards,
-    final_checkpoint,
-    run_checked,
-    subprocess_env,
-    tail,
-    tiny_overrides,
-    total_steps,
-)
-from slurm_cluster import free_port
+from support.checkpoints import final_payload
+from support.demo import DEMO_CONFIG, tiny_overrides, total_steps
+from support.env import REPO, child_env
+from support.net import free_port
+from support.run import run_checked, torchrun_command
 
 pytestmark = pytest.mark.slow
 
@@ -60,29 +52,33 @@ def _two_agents(overrides: list[str], env: dict[str, str], log_dir, timeout: flo
             log.close()
         if failures:
             logs = "\n".join(
-                f"--- agent{rank}.log\n{tail((log_dir / f'agent{rank}.log').read_text(), 40)}" for rank, _, _ in agents
+                f"--- agent{rank}.log\n{_tail(log_dir / f'agent{rank}.log')}" for rank, _, _ in agents
             )
             pytest.fail("; ".join(failures) + "\n" + logs, pytrace=False)
 
 
-def test_two_nodes_match_one_node_with_two_processes(tmp_path_factory, tmp_path):
-    demo = demo_shards(tmp_path_factory.getbasetemp())
-    env = subprocess_env({"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db"})
+def _tail(path, lines: int = 40) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
 
-    single = tiny_overrides(demo, tmp_path / "single")
-    run_checked(
-        [str(BIN / "torchrun"), "--standalone", "--nnodes=1", "--nproc_per_node=2",
-         "-m", "primaps_dist.train", "--config", str(DEMO_CONFIG), *single],
-        env=env, timeout=400,
-    )
 
-    multi = tiny_overrides(demo, tmp_path / "multi")
+def _overrides(demo_data, output_dir) -> list[str]:
+    return tiny_overrides(demo_data.train_shards, output_dir, "data.shuffle_buffer=8", "checkpoint.every_steps=3",
+                          val_shards=demo_data.val_shards, pca=2, kmeans=3, em=4, tracking=True)
+
+
+def test_two_nodes_match_one_node_with_two_processes(demo_data, tmp_path):
+    env = child_env(tmp_path)
+
+    single = _overrides(demo_data, tmp_path / "single")
+    run_checked(torchrun_command(2, "primaps_dist.train", "--config", DEMO_CONFIG, *single), env=env, timeout=400)
+
+    multi = _overrides(demo_data, tmp_path / "multi")
     _two_agents(multi, env, tmp_path)
 
     steps = total_steps(single)
-    one_node = final_checkpoint(tmp_path / "single", steps)
-    two_nodes = final_checkpoint(tmp_path / "multi", steps)
-    assert int(one_node.get("world_size", 2)) == 2 and int(two_nodes.get("world_size", 2)) == 2
+    one_node = final_payload(tmp_path / "single", steps)
+    two_nodes = final_payload(tmp_path / "multi", steps)
+    assert one_node["world_size"] == 2 and two_nodes["world_size"] == 2
     a, b = one_node["prototypes"].double(), two_nodes["prototypes"].double()
     assert a.shape == b.shape and a.shape[0] == 6  # configs/demo.yaml: 6 classes
     assert torch.isfinite(a).all()

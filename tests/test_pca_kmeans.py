@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-import _dist_utils as utils
 from primaps_dist import distributed
 from primaps_dist.em import CovarianceAccumulator, PrototypeState, assign, kmeans_step
 from primaps_dist.em.pca import orient_rows
+from support import dist_pipelines as utils
 
 torch.set_num_threads(1)
 

@@ -10,25 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers_demo import (
-    DEMO_CHANNELS,
-    DEMO_CONFIG,
-    NUM_CLASSES,
-    REPO,
-    assert_one_line_error,
-    child_env,
-    load_checkpoint_file,
-    module_command,
-    run_command,
-    tiny_train_args,
-)
 from primaps_dist.backbones import build_backbone
 from primaps_dist.backbones.projection_head import ProjectionHead, load_projection_head
 from primaps_dist.backbones.projection_head import main as head_main
 from primaps_dist.config import BackboneConfig, load_config
 from primaps_dist.errors import ConfigError, UserError, run_cli
-
-pytest_plugins = ["helpers_demo"]
+from support.checkpoints import newest_payload
+from support.demo import DEMO_CHANNELS, DEMO_CONFIG, NUM_CLASSES, tiny_train_args
+from support.env import REPO, child_env
+from support.run import assert_one_line_error, module_command, run_command
 
 
 @pytest.fixture(autouse=True)
@@ -221,7 +211,7 @@ def test_readme_commands_run_end_to_end_on_tiny_data(tmp_path, demo_data):
             words += tiny[2:]  # the README's own keys come first; the tiny settings override the rest
         result = run_command(module_command(*words[2:]), env=env, timeout=400, cwd=tmp_path)
         assert result.returncode == 0, result.describe()
-    payload = load_checkpoint_file(tmp_path / "demo_out" / "run_head" / "checkpoints")
+    payload = newest_payload(tmp_path / "demo_out" / "run_head")
     assert payload["prototypes"].shape == (NUM_CLASSES, 64)  # the README's --out-channels
     assert payload["backbone"]["channels"] == 64
     assert payload["config"]["backbone"]["head_weights"].endswith("random_head.pt")

@@ -1,7 +1,7 @@
 """slurm/train.sbatch and slurm/evaluate.sbatch on a real single-node SLURM cluster started by the test
-(tests/slurm_cluster.py): a short 2-process CPU training job to completion (checkpoint, MLflow run),
-evaluation of its checkpoint, and a job that is preempted with USR1 mid-training, requeues itself,
-resumes from its checkpoint and finishes."""
+(tests/support/slurm.py, fixture ``slurm_cluster`` in tests/conftest.py): a short 2-process CPU training job
+to completion (checkpoint, MLflow run), evaluation of its checkpoint, and a job that is preempted with USR1
+mid-training, requeues itself, resumes from its checkpoint and finishes."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from launch_helpers import REPO, complete_checkpoints, demo_shards, final_checkpoint, tail, tiny_overrides, total_steps
-from slurm_cluster import slurm_cluster  # noqa: F401  (fixture)
+from support.checkpoints import complete_steps, final_payload
+from support.demo import tiny_overrides, total_steps
+from support.env import REPO, VENV_BIN
 
 pytestmark = pytest.mark.slow
 
@@ -28,8 +29,18 @@ def _job_env(tmp_path: Path) -> dict[str, str]:
         "OMP_NUM_THREADS": "1",
         "HF_HUB_OFFLINE": "1",
         "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING": "false",
-        "PRIMAPS_VENV": str(Path(__import__("sys").executable).parent.parent),
+        "PRIMAPS_VENV": str(VENV_BIN.parent),
     }
+
+
+def _overrides(demo_data, output_dir: Path, *extra: str, em: int = 4) -> list[str]:
+    """A tiny run with tracking and a final evaluation: PCA 2 + K-means 3 + EM steps, a checkpoint every 3."""
+    return tiny_overrides(demo_data.train_shards, output_dir, "data.shuffle_buffer=8", "checkpoint.every_steps=3",
+                          *extra, val_shards=demo_data.val_shards, pca=2, kmeans=3, em=em, tracking=True)
+
+
+def tail(text: str, lines: int = 80) -> str:
+    return "\n".join(text.splitlines()[-lines:])
 
 
 def _log(path: Path) -> str:
@@ -59,7 +70,7 @@ def _mlflow_runs(tmp_path: Path, experiment: str):
     return client, client.search_runs([found.experiment_id])
 
 
-def test_cluster_runs_a_batch_job_with_a_step(slurm_cluster, tmp_path):  # noqa: F811
+def test_cluster_runs_a_batch_job_with_a_step(slurm_cluster, tmp_path):
     """The harness itself: a batch script whose srun step runs on the node."""
     script = tmp_path / "hello.sh"
     script.write_text("#!/bin/bash\nsrun --ntasks=1 hostname\necho \"job $SLURM_JOB_ID on $SLURM_JOB_NODELIST\"\n")
@@ -71,11 +82,10 @@ def test_cluster_runs_a_batch_job_with_a_step(slurm_cluster, tmp_path):  # noqa:
 
 
 @pytest.fixture(scope="module")
-def trained(slurm_cluster, tmp_path_factory):  # noqa: F811
+def trained(slurm_cluster, demo_data, tmp_path_factory):
     """A completed train.sbatch job: (job fields, output dir, overrides, tmp dir, log path)."""
-    demo = demo_shards(tmp_path_factory.getbasetemp())
     tmp = tmp_path_factory.mktemp("slurm-train")
-    overrides = tiny_overrides(demo, tmp / "run", tracking__experiment="slurm-test")
+    overrides = _overrides(demo_data, tmp / "run", "tracking.experiment=slurm-test")
     log_path = tmp / "train.out"
     job = slurm_cluster.sbatch(
         [f"--output={log_path}", *SBATCH_COMMON, str(REPO / "slurm" / "train.sbatch"),
@@ -93,8 +103,8 @@ def test_train_sbatch_completes_with_checkpoint_and_mlflow_run(trained):
     assert "training finished" in log
     assert info["Restarts"] == "0"
     steps = total_steps(overrides)
-    payload = final_checkpoint(out, steps)
-    assert int(payload.get("world_size", 2)) == 2
+    payload = final_payload(out, steps)
+    assert payload["world_size"] == 2
     assert payload["prototypes"].shape[0] == 6
     assert (out / "config.yaml").is_file()
 
@@ -104,7 +114,7 @@ def test_train_sbatch_completes_with_checkpoint_and_mlflow_run(trained):
     assert max(m.step for m in history) == steps
 
 
-def test_evaluate_sbatch_writes_metrics(slurm_cluster, trained):  # noqa: F811
+def test_evaluate_sbatch_writes_metrics(slurm_cluster, trained):
     _, out, overrides, tmp, _ = trained
     metrics_path = tmp / "metrics.json"
     log_path = tmp / "eval.out"
@@ -122,12 +132,9 @@ def test_evaluate_sbatch_writes_metrics(slurm_cluster, trained):  # noqa: F811
     assert "miou" in text.lower() and "accuracy" in text.lower(), text[:500]
 
 
-def test_preempted_job_requeues_and_resumes(slurm_cluster, tmp_path_factory, tmp_path):  # noqa: F811
-    demo = demo_shards(tmp_path_factory.getbasetemp())
+def test_preempted_job_requeues_and_resumes(slurm_cluster, demo_data, tmp_path):
     out = tmp_path / "run"
-    overrides = tiny_overrides(
-        demo, out, train__em_steps=40, checkpoint__every_steps=2, tracking__experiment="slurm-preempt"
-    )
+    overrides = _overrides(demo_data, out, "checkpoint.every_steps=2", "tracking.experiment=slurm-preempt", em=40)
     steps = total_steps(overrides)
     log_path = tmp_path / "train.out"
     job = slurm_cluster.sbatch(
@@ -138,13 +145,13 @@ def test_preempted_job_requeues_and_resumes(slurm_cluster, tmp_path_factory, tmp
 
     # Preempt once training is past its first checkpoint (inside the K-means/EM stages).
     deadline = time.monotonic() + JOB_TIMEOUT_S
-    while not complete_checkpoints(out):
+    while not complete_steps(out):
         info = slurm_cluster.job(job)
         if info.get("JobState") not in ("PENDING", "RUNNING", "CONFIGURING") or time.monotonic() > deadline:
             pytest.fail(f"job {job} {info.get('JobState')} before its first checkpoint\n{tail(_log(log_path))}",
                         pytrace=False)
         time.sleep(0.5)
-    signalled_at = max(complete_checkpoints(out))
+    signalled_at = max(complete_steps(out))
     assert signalled_at < steps, "the run finished before it could be preempted; make it longer"
     slurm_cluster.run(["scancel", "--signal=USR1", "--batch", str(job)])
 
@@ -175,10 +182,10 @@ def test_preempted_job_requeues_and_resumes(slurm_cluster, tmp_path_factory, tmp
     # It resumed from the checkpoint written on the stop request (at or after the one seen before the signal).
     assert signalled_at < resumed_at < steps, (signalled_at, resumed_at)
     assert f"stopped at step {resumed_at} on request" in log, tail(log)
-    payload = final_checkpoint(out, steps)
+    payload = final_payload(out, steps)
     assert payload["prototypes"].shape[0] == 6
 
     # One MLflow run across both attempts, finished.
     _, runs = _mlflow_runs(tmp_path, "slurm-preempt")
     assert len(runs) == 1 and runs[0].info.status == "FINISHED", [(r.info.run_id, r.info.status) for r in runs]
-    assert payload.get("mlflow_run_id") in (None, "", runs[0].info.run_id)
+    assert payload["mlflow_run_id"] == runs[0].info.run_id

@@ -10,18 +10,10 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from helpers_demo import (
-    DEMO_CHANNELS,
-    NUM_CLASSES,
-    child_env,
-    load_checkpoint_file,
-    module_command,
-    run_command,
-    tiny_train_args,
-    torchrun_command,
-)
-
-pytest_plugins = ["helpers_demo"]
+from support.checkpoints import newest_payload
+from support.demo import DEMO_CHANNELS, DEMO_CONFIG, NUM_CLASSES, tiny_train_args
+from support.env import child_env
+from support.run import module_command, run_command, torchrun_command
 pytestmark = pytest.mark.slow
 
 
@@ -43,7 +35,7 @@ def test_two_rank_stats_training_end_to_end(tmp_path: Path, demo_data) -> None:
     """torchrun x2: prototypes verified bitwise identical across ranks after every step (train.verify_every=1),
     a complete checkpoint, the final evaluation, pictures, and one MLflow run with params and histories."""
     out, result = _train(tmp_path, demo_data, "run", "tracking.num_overlays=2", nproc=2, tracking=True, val=True)
-    payload = load_checkpoint_file(out / "checkpoints")
+    payload = newest_payload(out)
     assert payload["prototypes"].shape == (NUM_CLASSES, DEMO_CHANNELS)
     assert payload["prototypes"].dtype == torch.float32
     assert torch.allclose(payload["prototypes"].norm(dim=1), torch.ones(NUM_CLASSES), atol=1e-5)
@@ -76,7 +68,7 @@ def test_two_rank_stats_training_end_to_end(tmp_path: Path, demo_data) -> None:
 
 def test_gradient_mode_ddp_two_ranks(tmp_path: Path, demo_data) -> None:
     out, _ = _train(tmp_path, demo_data, "grad", "em.mode=gradient", "em.engine=ddp", nproc=2, em=3)
-    payload = load_checkpoint_file(out / "checkpoints")
+    payload = newest_payload(out)
     state = payload["gradient_state"]
     assert payload["step"] == 7 and "momentum" in state and "engine" in state
     assert torch.allclose(payload["prototypes"].norm(dim=1), torch.ones(NUM_CLASSES), atol=1e-5)
@@ -87,19 +79,19 @@ def test_seeded_runs_reproduce_and_resume_continues_exactly(tmp_path: Path, demo
     an uninterrupted run (deterministic data stream and EM state)."""
     straight, _ = _train(tmp_path, demo_data, "straight", em=3)
     again, _ = _train(tmp_path, demo_data, "again", em=3)
-    first = load_checkpoint_file(straight / "checkpoints")["prototypes"]
-    assert torch.equal(first, load_checkpoint_file(again / "checkpoints")["prototypes"])
+    first = newest_payload(straight)["prototypes"]
+    assert torch.equal(first, newest_payload(again)["prototypes"])
 
     staged, _ = _train(tmp_path, demo_data, "staged", em=1)
-    assert load_checkpoint_file(staged / "checkpoints")["step"] == 5
+    assert newest_payload(staged)["step"] == 5
     staged, result = _train(tmp_path, demo_data, "staged", em=3)
     assert "resumed from" in result.stderr
-    resumed = load_checkpoint_file(staged / "checkpoints")
+    resumed = newest_payload(staged)
     assert resumed["step"] == 7
     assert torch.allclose(resumed["prototypes"], first, atol=1e-5)
 
     other_seed, _ = _train(tmp_path, demo_data, "other", "train.seed=1", em=3)
-    assert not torch.equal(first, load_checkpoint_file(other_seed / "checkpoints")["prototypes"])
+    assert not torch.equal(first, newest_payload(other_seed)["prototypes"])
 
 
 def test_evaluate_two_ranks_equals_one_rank_and_predict(tmp_path: Path, demo_data, demo_checkpoint) -> None:
@@ -136,7 +128,7 @@ def test_evaluate_two_ranks_equals_one_rank_and_predict(tmp_path: Path, demo_dat
 def test_show_proposals_draws_pictures(tmp_path: Path, demo_data) -> None:
     images = sorted(demo_data.val_images.glob("*.png"))[:2]
     result = run_command([*module_command("primaps_dist.cli"), "show-proposals", *images, "--out", tmp_path / "p",
-                          "--config", str(Path(__file__).resolve().parents[1] / "configs/demo.yaml"),
+                          "--config", str(DEMO_CONFIG),
                           "--set", "data.crop_size=64", "--set", "crf.iterations=2"],
                          env=child_env(tmp_path), timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.describe()

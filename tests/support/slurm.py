@@ -6,8 +6,9 @@ free TCP ports and all state, spool, log and pid files under that directory, and
 reports the node ``localhost`` idle. :meth:`SlurmCluster.stop` cancels every job, kills what is left of the
 jobs' processes (found by a marker variable in their environment) and stops each daemon it started, by pid.
 
-The pytest fixture :func:`slurm_cluster` (session scope) skips when SLURM or munge is not installed, except
-when the environment variable ``CI`` is set: CI installs them (see ``.ci/run``), so there it fails instead.
+The session fixture ``slurm_cluster`` (tests/conftest.py) calls :func:`require_slurm`, which skips when SLURM
+or munge is not installed or the tests do not run as root, except when the environment variable ``CI`` is
+set: CI installs them (``make system-deps``, called by ``.ci/run``), so there it fails instead.
 
 Clients (``sbatch``, ``squeue``, ``scontrol``, ``srun``) find the cluster through ``SLURM_CONF``: use
 :attr:`SlurmCluster.env` as the environment of every client command and of submitted jobs.
@@ -19,14 +20,14 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import pytest
+
+from support.net import free_port
 
 DAEMONS = ("munged", "slurmctld", "slurmd")
 CLIENTS = ("sbatch", "squeue", "scontrol", "sinfo", "scancel", "srun")
@@ -51,13 +52,6 @@ def missing_programs() -> list[str]:
     """Names of the SLURM/munge programs that are not on PATH (or in /usr/sbin)."""
     search = os.environ.get("PATH", "") + os.pathsep + "/usr/sbin" + os.pathsep + "/sbin"
     return [name for name in DAEMONS + CLIENTS if shutil.which(name, path=search) is None]
-
-
-def free_port() -> int:
-    """A TCP port that was free on 127.0.0.1 a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _program(name: str) -> str:
@@ -377,7 +371,8 @@ def require_slurm() -> None:
     """Skip the calling test when SLURM/munge are missing; under CI (env ``CI`` set) fail instead."""
     missing = missing_programs()
     if missing:
-        reason = f"SLURM integration test needs {', '.join(missing)} (apt-get install slurm-wlm munge)"
+        reason = (f"SLURM integration test needs {', '.join(missing)}: install slurm-wlm and munge as root "
+                  f"(sudo make system-deps)")
         if os.environ.get("CI"):
             pytest.fail(f"{reason}; CI must run it", pytrace=False)
         pytest.skip(reason)
@@ -386,18 +381,3 @@ def require_slurm() -> None:
         if os.environ.get("CI"):
             pytest.fail(f"{reason}; CI must run it", pytrace=False)
         pytest.skip(reason)
-
-
-@pytest.fixture(scope="session")
-def slurm_cluster():
-    """A started :class:`SlurmCluster` for the whole session; all daemons stopped at teardown."""
-    require_slurm()
-    # Short path: munge's unix socket path must stay below ~108 bytes.
-    root = tempfile.mkdtemp(prefix="primaps-slurm-")
-    cluster = SlurmCluster(root)
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.stop()
-        shutil.rmtree(root, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""Scenarios run by the multi-process tests: ``torchrun ... tests/dist_workers.py SCENARIO OUTDIR``.
+"""Scenarios run by the multi-process tests: ``torchrun ... tests/support/dist_workers.py SCENARIO OUTDIR``.
 
 Each rank writes ``OUTDIR/{stats,ddp,deepspeed,timeout}_rank{R}.pt`` (torch.save of plain tensors and
 lists) for the test to compare.
@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: run as a script, import `support`
 
-import _dist_utils as utils  # noqa: E402
+from support import dist_pipelines as utils  # noqa: E402
 
 from primaps_dist import distributed  # noqa: E402
 from primaps_dist.config import DistConfig  # noqa: E402

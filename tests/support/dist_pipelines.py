@@ -1,22 +1,22 @@
-"""Shared by the multi-process tests and their worker script (tests/dist_workers.py).
+"""Small PCA / K-means / stats-EM / gradient pipelines shared by the multi-process tests and their worker
+script (support/dist_workers.py).
 
-The pipelines here run unchanged in one process (collectives are no-ops) and under torchrun with 2 gloo
-ranks, where rank r takes its slice of every global batch. Comparing the two checks that W ranks with
-batch B compute what 1 rank computes with batch W*B.
+The pipelines run unchanged in one process (collectives are no-ops) and under torchrun with 2 gloo ranks,
+where rank r takes its slice of every global batch. Comparing the two checks that W ranks with batch B
+compute what 1 rank computes with batch W*B.
 """
 
 from __future__ import annotations
 
-import os
-import subprocess
 import tempfile
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from support.env import REPO, child_env
+from support.run import Result, run_command, torchrun_command
+
 WORKERS = Path(__file__).resolve().parent / "dist_workers.py"
 
 # Small problem: K prototypes of dimension C on h x w feature maps; B images per rank per step.
@@ -134,44 +134,24 @@ def run_gradient_pipeline(engine: str, seed: int, rank: int, world: int, per_ran
     return record
 
 
-def clean_env() -> dict[str, str]:
-    """The test process's environment without launcher variables that would confuse torchrun workers."""
-    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")
-    env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("SLURM_")}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env["OMP_NUM_THREADS"] = "1"
-    return env
+def launch(scenario: str, outdir: Path, nproc: int = 2, timeout: float = 240.0) -> Result:
+    """Run ``support/dist_workers.py SCENARIO OUTDIR`` under torchrun (standalone, gloo on CPU)."""
+    return run_command(torchrun_command(nproc, WORKERS, scenario, outdir), env=child_env(), cwd=REPO, timeout=timeout)
 
 
-def torchrun(scenario: str, outdir: Path, nproc: int = 2, timeout: float = 240.0) -> subprocess.CompletedProcess:
-    """Launch ``tests/dist_workers.py SCENARIO OUTDIR`` with torchrun (standalone, gloo on CPU)."""
-    argv = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        f"--nproc_per_node={nproc}",
-        str(WORKERS),
-        scenario,
-        str(outdir),
-    ]
-    return subprocess.run(argv, cwd=REPO, env=clean_env(), capture_output=True, text=True, timeout=timeout)
+_LAUNCHES: dict[str, tuple[Result, Path]] = {}
 
 
-_LAUNCHES: dict[str, tuple[subprocess.CompletedProcess, Path]] = {}
-
-
-def launched(scenario: str) -> tuple[subprocess.CompletedProcess, Path]:
+def launched(scenario: str) -> tuple[Result, Path]:
     """Run a scenario once per test session (several test modules read the same launch)."""
     if scenario not in _LAUNCHES:
         outdir = Path(tempfile.mkdtemp(prefix=f"primaps_{scenario}_"))
-        _LAUNCHES[scenario] = (torchrun(scenario, outdir), outdir)
+        _LAUNCHES[scenario] = (launch(scenario, outdir), outdir)
     return _LAUNCHES[scenario]
 
 
 def load_ranks(scenario: str, name: str, world: int = 2) -> list[dict]:
     """Per-rank records of ``name`` (stats, ddp, ...) from a session launch; fails with the launch's output."""
     proc, outdir = launched(scenario)
-    output = f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    assert proc.returncode == 0, f"torchrun {scenario} failed ({proc.returncode}):\n{output}"
+    assert proc.returncode == 0, f"torchrun {scenario} failed:\n{proc.describe()}"
     return [torch.load(outdir / f"{name}_rank{rank}.pt", weights_only=True) for rank in range(world)]
