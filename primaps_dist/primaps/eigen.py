@@ -1,0 +1,103 @@
+"""Top principal direction of the free covariance: block subspace iteration on a running Gram matrix.
+
+Used by :mod:`primaps_dist.primaps.rounds`; see the package docstring for how it fits in a round.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["BLOCK", "gram", "start_basis", "top_direction"]
+
+
+# Subspace size of the block eigen-solver: a pass [b, k, C] @ [b, C, C] costs little more for k = 16
+# than for k = 4 (memory bound on G) while convergence improves as (lambda_{k+1} / lambda_1)^iters;
+# 16 was fastest overall (8 and 24 measured slower) for C = 384.
+BLOCK = 16
+_RESIDUAL_TOL = 2e-4
+_MAX_SOLVER_ITERS = 60
+# A covariance whose top eigenvalue is below this fraction of the image's total variance is treated
+# as zero (e.g. constant features): its direction is arbitrary and needs no convergence.
+_DEGENERATE_EIGENVALUE = 1e-6
+_BASIS_SEED = 0x5EED
+
+def gram(columns: torch.Tensor) -> torch.Tensor:
+    """``columns @ columns^T`` ([b, C, n] -> [b, C, C]) computing only 3/4 of the blocks (symmetry)."""
+    half = columns.shape[1] // 2
+    if half < 32:
+        return columns @ columns.transpose(1, 2)
+    batch, channels, _ = columns.shape
+    gram = torch.empty(batch, channels, channels, dtype=columns.dtype, device=columns.device)
+    gram[:, :half] = columns[:, :half] @ columns.transpose(1, 2)
+    gram[:, half:, half:] = columns[:, half:] @ columns[:, half:].transpose(1, 2)
+    gram[:, half:, :half] = gram[:, :half, half:].transpose(1, 2)
+    return gram
+
+
+def start_basis(centred: torch.Tensor, block: int) -> torch.Tensor:
+    """Deterministic orthonormal start basis [b, k, C] (rows) for the first round.
+
+    A randomised range finder: random combinations of the image's centred features
+    (``centred`` [b, C, P]), i.e. one implicit power step, so the first round starts close to the
+    dominant subspace. The sketch matrix is drawn on the CPU with a fixed seed (same on every device).
+    """
+    batch, channels, positions = centred.shape
+    generator = torch.Generator().manual_seed(_BASIS_SEED)
+    sketch = torch.randn(positions, block, generator=generator, dtype=torch.float32).to(centred.device)
+    return torch.linalg.qr(centred @ sketch).Q.transpose(1, 2).contiguous()
+
+
+def top_direction(
+    gram: torch.Tensor,
+    free_sum: torch.Tensor,
+    free_count: torch.Tensor,
+    basis: torch.Tensor,
+    gram_basis: torch.Tensor | None,
+    active: torch.Tensor,
+    total_variance: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top eigenvector of ``A = gram - free_sum free_sum^T / free_count`` per image.
+
+    Block subspace iteration on ``A - sigma I`` (``sigma`` = half the smallest Ritz value) with
+    Rayleigh-Ritz; vectors are stored as rows ([b, k, C] @ [b, C, C] streams the Gram matrix faster
+    than [b, C, C] @ [b, C, k]). Images stop iterating once their relative residual
+    ``||A v - theta v|| / theta`` is below ``_RESIDUAL_TOL``; they keep their rows (and G products)
+    from then on, so their result does not depend on the rest of the batch.
+
+    gram [b, C, C] symmetric, free_sum [b, C], free_count [b] float, basis [b, k, C] orthonormal rows
+    (warm start), gram_basis [b, k, C] = basis @ gram if already known (saves one pass over gram),
+    active [b] bool (inactive images only pass through), total_variance [b].
+    Returns (direction [b, C] unit norm, Ritz basis [b, k, C] by decreasing Ritz value,
+    Ritz basis @ gram [b, k, C]).
+    """
+    inverse_count = (1.0 / free_count.clamp(min=1.0))[:, None, None]
+    sums = free_sum.unsqueeze(1)  # [b, 1, C]
+    converged = ~active
+    rows = basis
+    gram_rows = basis @ gram if gram_basis is None else gram_basis
+    floor = _DEGENERATE_EIGENVALUE * total_variance
+    any_converged = bool(converged.any())
+    for iteration in range(_MAX_SOLVER_ITERS):
+        if iteration > 0:  # converged images keep even their G products: bitwise frozen
+            fresh = rows @ gram
+            gram_rows = torch.where(converged[:, None, None], gram_rows, fresh) if any_converged else fresh
+        applied = torch.baddbmm(gram_rows, (rows @ sums.transpose(1, 2)) * inverse_count, sums, alpha=-1.0)
+        projected = rows @ applied.transpose(1, 2)
+        projected = 0.5 * (projected + projected.transpose(1, 2))
+        values, rotation = torch.linalg.eigh(projected)
+        rotation = rotation.flip(-1).transpose(1, 2)  # rows = Ritz coefficients, largest first
+        top = values[:, -1]
+        ritz = rotation @ rows
+        applied_ritz = rotation @ applied
+        residual = torch.linalg.vector_norm(applied_ritz[:, 0] - top[:, None] * ritz[:, 0], dim=1)
+        converged = converged | (residual <= _RESIDUAL_TOL * top) | (top <= floor)
+        if iteration == _MAX_SOLVER_ITERS - 1 or bool(converged.all()):
+            break
+        # Converged images keep their rows (and G products), so every later iteration reproduces
+        # their Ritz vectors exactly and the final `ritz` is theirs at convergence time.
+        shift = 0.5 * values[:, 0]  # half the smallest Ritz value: damps the unwanted spectrum [0, theta_k]
+        stepped = torch.linalg.qr((applied_ritz - shift[:, None, None] * ritz).transpose(1, 2)).Q.transpose(1, 2)
+        any_converged = bool(converged.any())
+        rows = torch.where(converged[:, None, None], rows, stepped) if any_converged else stepped
+    return F.normalize(ritz[:, 0], dim=1), ritz, rotation @ gram_rows

@@ -1,0 +1,113 @@
+"""Orientation of a principal direction as ``torch.pca_lowrank`` gives it (docs/method.md,
+"Sign of the principal direction")."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from primaps_dist.primaps.rounds import WorkingSet
+
+__all__ = ["compact_order", "reference_orientation"]
+
+
+def compact_order(free: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stored rows of the free positions, in row-major order, moved to the front.
+
+    free [b, Q] bool -> (order [b, width] int64 row indices, valid [b, width] bool); entries past an
+    image's free count are padding (``valid`` False).
+    """
+    order = torch.sort(free.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :width]
+    valid = torch.arange(width, device=free.device)[None, :] < free.sum(dim=1, keepdim=True)
+    return order, valid
+
+
+def reference_orientation(
+    state: "WorkingSet", direction: torch.Tensor, top3: torch.Tensor, top3_gram: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """+1 / -1 per image: the sign that ``torch.pca_lowrank(q=3)`` gives the principal direction.
+
+    A principal direction has no intrinsic sign, but the published method takes the one that
+    ``pca_lowrank`` returns on the CPU, and that sign decides which end of the axis the nearest-
+    neighbour step starts from. ``pca_lowrank`` ends with one Rayleigh-Ritz step (Halko et al.,
+    Algorithm 5.1) on its converged basis; that step is replayed here from our top-3 eigenvectors
+    ``E`` of the free covariance, with the same LAPACK calls on the CPU (docs/method.md, "Sign of the
+    principal direction"):
+
+    * free positions >= channels: ``Q = qr(A E).Q``, ``svd(Q^T A)``, direction ``Vh[0]``;
+    * free positions < channels (the library transposes ``A``): ``Q = qr(E).Q``,
+      ``U = svd(Q^T A^T).U``, direction ``Q U[:, 0]``;
+
+    with ``A`` [n_free, C] the free features centred on their mean, rows in row-major order (the
+    order matters to Householder QR). Householder QR's Q does not depend on the signs of E's
+    columns, so neither does the result. The small QR and SVD always run on the CPU, so every device
+    reproduces the CPU's orientation.
+
+    For tall ``A``, ``Q^T A`` is not formed from the features: with ``A E = Q R``,
+    ``Q^T A = R^-T E^T (A^T A)``, and ``E^T A^T A`` follows from the running Gram matrix. One pass
+    over the stored features (``A M``, three columns, plus ``points @ direction`` for the caller) is
+    all this costs.
+
+    direction [b, C] unit top eigenvector, top3 [b, k, C] orthonormal rows by decreasing eigenvalue
+    (k >= 1, first row ~ direction), top3_gram [b, k, C] = top3 @ G (G the running Gram matrix)
+    -> (signs [b] float32, ``points @ direction`` [b, Q+1]) on ``direction``'s device.
+    """
+    batch, channels = direction.shape
+    device = direction.device
+    count = state.free_count.cpu()
+    rank = min(3, top3.shape[1], channels)
+    width = int(count.max())
+    signs = torch.ones(batch, dtype=torch.float32)
+    tall = count >= channels  # pca_lowrank keeps A as it is; otherwise it works on A^T
+    wide_rows = (~tall).nonzero().squeeze(1)
+    # Per image one [C, q] matrix M: E for tall images, Q = qr(E).Q for wide ones; one pass over the
+    # stored features then gives A M at every row (covered rows are dropped by the gather below).
+    rows = top3[:, :rank].contiguous()  # E^T [b, q, C]
+    wide_q = torch.linalg.qr(rows[wide_rows.to(device)].transpose(1, 2).cpu()).Q  # [w, C, q], Householder on the CPU
+    if wide_rows.numel():
+        rows[wide_rows.to(device)] = wide_q.transpose(1, 2).to(device)
+    free_count = state.free_count.clamp(min=1).to(torch.float32)
+    free_mean = state.free_sum / free_count[:, None]  # [b, C]
+    # [b, Q+1, C] @ (a transposed view of [b, 1+q, C]) takes a GEMM path several times faster on
+    # CPU than a contiguous [b, C, 1+q] operand.
+    products = state.points @ torch.cat([direction.unsqueeze(1), rows], dim=1).transpose(1, 2)
+    direction_dots = products[:, :, 0]
+    if width < 1:
+        return signs.to(device), direction_dots
+    projected = products[:, :, 1:] - (rows @ free_mean.unsqueeze(2)).transpose(1, 2)
+    order, valid = compact_order(state.free, width)
+    compact = projected.gather(1, order.unsqueeze(2).expand(-1, -1, rank)) * valid.unsqueeze(2)
+    compact = compact.cpu()  # [b, width, q]: A M, free rows in row-major order, zero padding after them
+    cpu_direction = direction.cpu()
+
+    tall_rows = tall.nonzero().squeeze(1)
+    if tall_rows.numel():
+        # Zero rows after the free ones leave Householder QR unchanged: its reflectors are zero there.
+        triangle = torch.linalg.qr(compact[tall_rows]).R  # [t, q, q]
+        # E^T A^T A = E^T G - (E^T S) S^T / n with S the free sum (A = free rows minus their mean).
+        covariance_rows = top3_gram[:, :rank] - (top3[:, :rank] @ state.free_sum.unsqueeze(2)) * (
+            free_mean.unsqueeze(1)
+        )
+        small = torch.linalg.solve_triangular(
+            triangle.transpose(1, 2), covariance_rows.cpu()[tall_rows], upper=False
+        )  # Q^T A [t, q, C]
+        # A rank-deficient A E (e.g. constant features) has no defined orientation: any finite input.
+        small = torch.nan_to_num(small, nan=0.0, posinf=0.0, neginf=0.0)
+        right = torch.linalg.svd(small, full_matrices=False).Vh[:, 0]  # [t, C]
+        signs[tall_rows] = torch.where((right * cpu_direction[tall_rows]).sum(dim=1) < 0, -1.0, 1.0)
+    if wide_rows.numel():
+        # LAPACK orients U differently once zero columns pad B, so every image gets its exact
+        # [q', n_free] matrix; images with equal free counts share one batched call.
+        wide_count = count[wide_rows]
+        for free_positions in torch.unique(wide_count).tolist():
+            if free_positions < 1:
+                continue
+            same = (wide_count == free_positions).nonzero().squeeze(1)
+            used = min(rank, free_positions)  # pca_lowrank's q = min(3, n_free, C)
+            exact = compact[wide_rows[same], :free_positions, :used].transpose(1, 2)  # B = (A Q)^T [w', q', n]
+            left = torch.linalg.svd(exact, full_matrices=False).U[:, :, 0]  # [w', q']
+            oriented = (wide_q[same, :, :used] @ left.unsqueeze(2)).squeeze(2)  # Q U[:, 0] [w', C]
+            signs[wide_rows[same]] = torch.where((oriented * cpu_direction[wide_rows[same]]).sum(dim=1) < 0, -1.0, 1.0)
+    return signs.to(device), direction_dots

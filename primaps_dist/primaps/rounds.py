@@ -1,0 +1,247 @@
+"""The proposal loop: all images of a batch advance one round at a time (package docstring, steps 1-6)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from primaps_dist.primaps.eigen import BLOCK, gram, start_basis, top_direction
+from primaps_dist.primaps.orientation import reference_orientation
+
+__all__ = ["WorkingSet", "principal_masks", "proposal_maps"]
+
+# Finished images leave the working batch once the running fraction drops to this.
+_COMPACT_FRACTION = 0.9
+
+
+def _validate(features: torch.Tensor, threshold: float, coverage: float, max_masks: int) -> None:
+    if not isinstance(features, torch.Tensor):
+        raise ValueError(f"features must be a torch.Tensor, got {type(features).__name__}")
+    if features.dim() != 4:
+        raise ValueError(f"features must have shape [B, C, h, w], got {tuple(features.shape)}")
+    if not features.is_floating_point():
+        raise ValueError(f"features must be a floating point tensor, got dtype {features.dtype}")
+    if min(features.shape) == 0:
+        raise ValueError(f"features must not have an empty dimension, got {tuple(features.shape)}")
+    if not 0.0 <= float(threshold) <= 1.0:
+        raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+    if not 0.0 < float(coverage) <= 1.0:
+        raise ValueError(f"coverage must be in (0, 1], got {coverage}")
+    if isinstance(max_masks, bool) or int(max_masks) != max_masks or max_masks < 1:
+        raise ValueError(f"max_masks must be a positive integer, got {max_masks}")
+
+def _first_index_of_max(values: torch.Tensor) -> torch.Tensor:
+    """Index of the first maximum along dim 1 (explicit, so ties never depend on the backend)."""
+    peak = values.amax(dim=1, keepdim=True)
+    positions = torch.arange(values.shape[1], device=values.device).expand_as(values)
+    return torch.where(values == peak, positions, values.shape[1]).amin(dim=1)
+
+
+def _take_rows(points: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``points[i, index[i]]`` for every image: points [b, Q, C], index [b, w] -> [b, w, C]."""
+    batch, stored, channels = points.shape
+    flat = index + stored * torch.arange(batch, device=index.device)[:, None]
+    return points.reshape(batch * stored, channels).index_select(0, flat.reshape(-1)).reshape(batch, -1, channels)
+
+
+class WorkingSet:
+    """State of the proposal loop for the images still in the working batch.
+
+    Features are stored centred (``f - mean``, so down-dates need no subtraction) and position-major
+    as ``points`` [b, Q + 1, C] (gathering positions copies contiguous rows); the last row is all
+    zeros and never free, so padded gathers can point at it. Only rows that may still be free are
+    kept: once the largest free count of the working images drops to half the stored width, the free
+    rows are gathered to the front (stable, so row-major order and hence first-on-ties decisions are
+    kept) and the rest dropped.
+    """
+
+    _STATE = (
+        "rows", "points", "inverse_norm", "position", "mean", "gram", "free_sum", "total_variance",
+        "free", "free_count", "basis", "gram_basis", "running", "counts", "mask_id", "mask_value",
+    )
+
+    def __init__(self, features: torch.Tensor, block: int):
+        batch, channels, height, width = features.shape
+        positions = height * width
+        device = features.device
+        flat = features.detach().to(torch.float32).reshape(batch, channels, positions)
+        norm = torch.linalg.vector_norm(flat, dim=1)  # [b, P]
+        if not bool(torch.isfinite(norm).all()) and not bool(torch.isfinite(flat).all()):
+            raise ValueError("features contain NaN or Inf values")
+        self.positions = positions
+        self.rows = torch.arange(batch, device=device)  # full-batch index of each working image
+        self.mean = flat.mean(dim=2)  # [b, C]
+        # Centring first also keeps the float32 Gram matrix from losing digits to a large mean.
+        self.points = torch.empty(batch, positions + 1, channels, dtype=torch.float32, device=device)
+        self.points[:, positions].zero_()
+        centred = self.points[:, :positions]
+        torch.sub(flat.transpose(1, 2), self.mean.unsqueeze(1), out=centred)
+        self.gram = gram(centred.transpose(1, 2))  # [b, C, C]
+        self.free_sum = centred.sum(dim=1)  # [b, C]
+        self.total_variance = torch.diagonal(self.gram, dim1=1, dim2=2).sum(dim=1)
+        self.basis = start_basis(centred.transpose(1, 2), min(block, channels))
+        self.gram_basis: torch.Tensor | None = None  # basis @ gram once known
+        # F.normalize's eps; exactly 0 at zero vectors, whose centred dot products only cancel up to
+        # rounding (the residue times 1e12 would make them look like the most similar positions).
+        self.inverse_norm = F.pad(torch.where(norm > 0, 1.0 / norm.clamp(min=1e-12), 0.0), (0, 1))  # [b, Q+1]
+        self.position = F.pad(torch.arange(positions, device=device), (0, 1), value=-1).expand(batch, -1)
+        self.free = F.pad(torch.ones(batch, positions, dtype=torch.bool, device=device), (0, 1))
+        self.free_count = torch.full((batch,), positions, dtype=torch.int64, device=device)
+        self.running = torch.ones(batch, dtype=torch.bool, device=device)
+        self.counts = torch.zeros(batch, dtype=torch.int64, device=device)
+        self.mask_id = torch.zeros(batch, positions, dtype=torch.int64, device=device)  # [b, P]
+        self.mask_value = torch.zeros(batch, positions, dtype=torch.float32, device=device)  # [b, P]
+
+    @property
+    def zero_row(self) -> int:
+        return self.points.shape[1] - 1
+
+    def keep_only(self, selection: torch.Tensor) -> None:
+        """Drop images: keep working rows ``selection`` [b'] int64."""
+        for name in self._STATE:
+            value = getattr(self, name)
+            setattr(self, name, None if value is None else value[selection])
+
+    def drop_covered_rows(self) -> None:
+        """Shrink the stored rows to the largest free count of the working images."""
+        width = int(self.free_count.max())
+        if width == 0 or width > self.zero_row // 2:
+            return
+        order = torch.sort(self.free.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :width]
+        order = F.pad(order, (0, 1), value=self.zero_row)
+        self.points = _take_rows(self.points, order)
+        self.inverse_norm = self.inverse_norm.gather(1, order)
+        self.position = self.position.gather(1, order)
+        self.free = self.free.gather(1, order)
+
+    def cosine_to(self, direction: torch.Tensor, centred_dots: torch.Tensor | None = None) -> torch.Tensor:
+        """<direction, n> per stored row: direction [b, C] -> [b, Q+1], 0 at covered rows.
+
+        ``centred_dots`` [b, Q+1]: ``points @ direction`` when the caller already has it."""
+        offset = (direction * self.mean).sum(dim=1, keepdim=True)
+        if centred_dots is None:
+            # A [b, 1, C] row viewed as [b, C, 1] takes MKL's GEMM path, several times faster on CPU
+            # than a contiguous [b, C, 1] column (GEMV).
+            centred_dots = (self.points @ direction.unsqueeze(1).transpose(1, 2)).squeeze(2)
+        dots = (centred_dots + offset) * self.inverse_norm
+        return dots.masked_fill(~self.free, 0.0)
+
+    def unit_feature(self, row: torch.Tensor) -> torch.Tensor:
+        """n at one stored row per image: row [b] -> [b, C]."""
+        picked = _take_rows(self.points, row[:, None]).squeeze(1)
+        return (picked + self.mean) * self.inverse_norm.gather(1, row[:, None])
+
+    def record(self, keep: torch.Tensor, values: torch.Tensor) -> None:
+        """Store proposal ``counts`` with soft ``values`` [b, Q] at the ``keep`` [b, Q] columns."""
+        image, column = keep.nonzero(as_tuple=True)
+        position = self.position[image, column]
+        self.mask_id[image, position] = self.counts[image]
+        self.mask_value[image, position] = values[image, column]
+
+    def cover(self, keep: torch.Tensor) -> None:
+        """Mark ``keep`` [b, Q] rows covered; down-date the Gram matrix and the free sum.
+
+        The newly covered rows are gathered into a zero-padded [b, widest, C] block, so the
+        down-date is one batched rank-``widest`` update (padding rows contribute nothing).
+        """
+        newly = keep.sum(dim=1)
+        widest = int(newly.max())
+        if widest > 0:
+            order = torch.sort(keep.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :widest]
+            valid = torch.arange(widest, device=keep.device)[None, :] < newly[:, None]
+            covered = _take_rows(self.points, torch.where(valid, order, self.zero_row))  # [b, widest, C]
+            self.gram.baddbmm_(covered.transpose(1, 2), covered, alpha=-1.0)
+            if 4 * widest <= covered.shape[2]:
+                # Cheaper than a pass over G: keep G @ basis current for the next solver start.
+                self.gram_basis.baddbmm_(self.basis @ covered.transpose(1, 2), covered, alpha=-1.0)
+            else:
+                self.gram_basis = None
+            self.free_sum = self.free_sum - covered.sum(dim=1)
+        self.free = self.free & ~keep
+        self.free_count = self.free_count - newly
+
+def _proposal_round(state: WorkingSet, threshold: float, coverage: float, max_masks: int) -> None:
+    """One PriMaPs round for every running image of the working set (updates ``state`` in place)."""
+    direction, state.basis, state.gram_basis = top_direction(
+        state.gram, state.free_sum, state.free_count.to(torch.float32), state.basis, state.gram_basis,
+        state.running, state.total_variance,
+    )
+    signs, direction_dots = reference_orientation(state, direction, state.basis, state.gram_basis)
+    direction = direction * signs[:, None]
+    similarity = state.cosine_to(direction, direction_dots * signs[:, None])
+    # Nearest-neighbour refinement from the best free position.
+    seed = _first_index_of_max(similarity.masked_fill(~state.free, float("-inf")))
+    similarity = state.cosine_to(state.unit_feature(seed))
+    peak = similarity.amax(dim=1)
+    productive = state.running & (peak > 0)
+    keep = state.free & productive[:, None] & (similarity > 0) & (similarity >= threshold * peak[:, None])
+
+    state.counts = state.counts + productive.to(torch.int64)
+    state.record(keep, similarity / torch.where(productive, peak, 1.0)[:, None])
+    state.cover(keep)
+    # Same float32 comparison as the reference's `(covered / numel) < 0.95` loop condition.
+    covered_fraction = (state.positions - state.free_count).to(torch.float32) / state.positions
+    state.running = productive & (covered_fraction < coverage) & (state.counts < max_masks)
+
+
+def proposal_maps(
+    features: torch.Tensor, threshold: float, coverage: float, max_masks: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run the proposal rounds. Returns (mask_id [B, h, w] int64 with 0 = no proposal and k = the
+    k-th proposal, mask_value [B, h, w] float32 soft value of that proposal, counts [B] int64)."""
+    _validate(features, threshold, coverage, max_masks)
+    batch, _, height, width = features.shape
+    device = features.device
+    state = WorkingSet(features, BLOCK)
+    mask_id = torch.zeros(batch, height * width, dtype=torch.int64, device=device)
+    mask_value = torch.zeros(batch, height * width, dtype=torch.float32, device=device)
+    counts = torch.zeros(batch, dtype=torch.int64, device=device)
+
+    def store(rows_state: WorkingSet) -> None:
+        mask_id[rows_state.rows] = rows_state.mask_id
+        mask_value[rows_state.rows] = rows_state.mask_value
+        counts[rows_state.rows] = rows_state.counts
+
+    for _ in range(int(max_masks)):
+        running = int(state.running.sum())
+        if running == 0:
+            break
+        if running <= _COMPACT_FRACTION * state.rows.numel():
+            store(state)
+            state.keep_only(state.running.nonzero().squeeze(1))
+        state.drop_covered_rows()
+        _proposal_round(state, float(threshold), float(coverage), int(max_masks))
+    store(state)
+    return mask_id.reshape(batch, height, width), mask_value.reshape(batch, height, width), counts
+
+
+@torch.no_grad()
+def principal_masks(
+    features: torch.Tensor,
+    threshold: float = 0.4,
+    coverage: float = 0.95,
+    max_masks: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Soft principal mask proposals of a batch of feature maps (before post-processing).
+
+    Args:
+        features: [B, C, h, w] floating point feature maps (any float dtype; computed in float32).
+        threshold: relative threshold of step 4 (0.4 in the paper).
+        coverage: stop an image once this fraction of its positions is covered.
+        max_masks: upper bound on the number of proposals (and rounds) per image.
+
+    Returns:
+        masks: [B, M, h, w] float32 in [0, 1], M = max(1, largest proposal count in the batch);
+            proposal ``k`` of image ``b`` is ``masks[b, k]``; masks of one image are disjoint;
+            channels ``k >= counts[b]`` are all zero.
+        counts: [B] int64 number of proposals per image.
+
+    Raises:
+        ValueError: wrong shape or dtype, NaN/Inf values, or an invalid parameter.
+    """
+    mask_id, mask_value, counts = proposal_maps(features, threshold, coverage, max_masks)
+    batch, height, width = mask_id.shape
+    channels = max(1, int(counts.max()))
+    masks = torch.zeros(batch, channels, height, width, dtype=torch.float32, device=mask_id.device)
+    masks.scatter_(1, (mask_id - 1).clamp(min=0).unsqueeze(1), mask_value.unsqueeze(1))
+    return masks, counts
