@@ -37,8 +37,8 @@ from primaps_dist.pseudo_labels import (  # noqa: E402
     _resize_images,
     assemble,
     generate,
-    predict_classes,
 )
+from primaps_dist.prototypes import nearest_prototype_upsampled  # noqa: E402
 from primaps_reference import planted_features  # noqa: E402
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                 with split["assign"]:
                     mask_ids[group] = argmax_channels(scores)
             with split["assign"]:
-                labels = assemble(mask_ids, predict_classes(features, prototypes, size), args.classes)
+                labels = assemble(mask_ids, nearest_prototype_upsampled(features, prototypes, size), args.classes)
             assert torch.equal(labels, result.labels)
 
     images_done = args.batch * args.repeats

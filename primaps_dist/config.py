@@ -123,7 +123,7 @@ class BackboneConfig:
         """Read the (small) head file now, and check its input channels where the config alone tells the
         backbone's; otherwise the builder checks them right after building the backbone."""
         _require(os.path.isfile(self.head_weights), key, f"file not found: {self.head_weights}")
-        from primaps_dist.backbones.projection_head import load_projection_head
+        from primaps_dist.backbones.head import load_projection_head
 
         channels = None
         preset = PRESETS.get(self.name)

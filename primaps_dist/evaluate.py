@@ -4,7 +4,7 @@
     torchrun --nproc_per_node=2 -m primaps_dist.evaluate ...                  # the confusion matrix is all-reduced
 
 Resize the short side, centre-crop, predict ``argmax_k <mu_k, f>`` per pixel (optionally CRF-refined and with
-horizontal-flip averaging of the features), accumulate one K x K confusion matrix over the whole split, match
+horizontal-flip averaging of the features; :func:`primaps_dist.prototypes.predict_clusters`), accumulate one K x K confusion matrix over the whole split, match
 clusters to classes with the Hungarian algorithm, report pixel accuracy, mIoU and per-class IoU. The checkpoint
 given is the one reported: evaluation never selects checkpoints.
 """
@@ -21,17 +21,16 @@ from typing import Any, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from primaps_dist import checkpoint as ckpt
 from primaps_dist import distributed as dist
 from primaps_dist.config import Config, resolve_run_config
 from primaps_dist.errors import UserError, run_cli
 from primaps_dist.metrics import confusion_matrix, hungarian_scores
+from primaps_dist.prototypes import predict_clusters
+from primaps_dist.runtime import setup_logging
 
 log = logging.getLogger("primaps_dist.evaluate")
-
-CRF_TEMPERATURE = 0.1  # cosine similarities (in [-1, 1]) are sharpened before the CRF sees them as log-probs
 
 
 @dataclass
@@ -39,32 +38,6 @@ class EvalResult:
     scores: dict[str, Any]  # accuracy, miou (percent), per_class_iou, assignment, confusion
     num_images: int
     overlays: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)  # image, pred, target
-
-
-def prototype_logits(features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
-    """Cosine similarity of every position to every prototype: ``[B, C, h, w], [K, C] -> [B, K, h, w]``."""
-    unit = F.normalize(features.float(), dim=1)
-    return torch.einsum("kc,bchw->bkhw", F.normalize(prototypes.float(), dim=1), unit)
-
-
-def predict(
-    backbone: torch.nn.Module,
-    prototypes: torch.Tensor,
-    images: torch.Tensor,
-    *,
-    flip: bool = False,
-    crf_fn: Any = None,
-) -> torch.Tensor:
-    """Cluster id per pixel: images ``[B, 3, H, W]`` in 0..1 -> ``[B, H, W]`` int64."""
-    features = backbone(images)
-    if flip:
-        features = 0.5 * (features + backbone(images.flip(-1)).flip(-1))
-    logits = prototype_logits(features, prototypes.to(features.device))
-    logits = F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
-    if crf_fn is not None:
-        probabilities = crf_fn(F.log_softmax(logits / CRF_TEMPERATURE, dim=1), images * 255.0)
-        return probabilities.argmax(1)
-    return logits.argmax(1)
 
 
 def eval_crf(cfg: Config):
@@ -103,7 +76,7 @@ def evaluate_prototypes(
         for batch in loader:
             images = batch["image"].to(device)
             targets = batch["label"]
-            prediction = predict(backbone, prototypes, images, flip=cfg.eval.flip, crf_fn=crf_fn).cpu()
+            prediction = predict_clusters(backbone, prototypes, images, flip=cfg.eval.flip, crf_fn=crf_fn).cpu()
             confusion += confusion_matrix(prediction.reshape(-1), targets.reshape(-1), K)
             num_images += images.shape[0]
             if env.rank == 0 and len(overlays) < num_overlays:
@@ -189,7 +162,6 @@ def format_table(scores: dict[str, Any], names: Sequence[str]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from primaps_dist.backbones import build_backbone
-    from primaps_dist.train import setup_logging
 
     parser = argparse.ArgumentParser(prog="primaps_dist.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", help="YAML config (default: the config stored in the checkpoint)")

@@ -25,8 +25,8 @@ from PIL import Image
 from primaps_dist import checkpoint as ckpt
 from primaps_dist.config import resolve_run_config
 from primaps_dist.errors import UserError, run_cli
-from primaps_dist.evaluate import prototype_logits
 from primaps_dist.image_io import find_images, pad_to_multiple, read_rgb, resize_short_side, to_tensor
+from primaps_dist.prototypes import cosine_scores
 
 log = logging.getLogger("primaps_dist.predict")
 
@@ -39,7 +39,7 @@ def predict_image(backbone: torch.nn.Module, prototypes: torch.Tensor, image: np
     resized_h, resized_w = x.shape[-2:]
     x = pad_to_multiple(x, backbone.stride)
     with torch.inference_mode():
-        logits = prototype_logits(backbone(x), prototypes)
+        logits = cosine_scores(backbone(x), prototypes)
         logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
         logits = logits[..., :resized_h, :resized_w]
         logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)

@@ -2,7 +2,8 @@
 
 ``generate`` runs the whole chain for a batch: proposals (``primaps.mask_logits``) -> bilinear
 upsampling to the label size -> optional dense CRF -> ``argmax`` (mask id per pixel, 0 = background)
--> every proposal takes the most frequent prototype class among its pixels. Everything is batched;
+-> every proposal takes the most frequent prototype class among its pixels
+(:func:`~primaps_dist.prototypes.nearest_prototype_upsampled`). Everything is batched;
 the only loops are over memory-bounded chunks of images in the label-resolution stages.
 
 Along the way ``generate`` records label-free health statistics (:class:`ProposalStats`) from tensors it
@@ -22,8 +23,9 @@ from primaps_dist.ops import argmax_channels, upsample_logits
 # The two halves of ``mask_logits``: the raw proposal maps (before the median filter) are needed for the
 # proposal-size statistics, and ``mask_logits`` does not return them.
 from primaps_dist.primaps import logits_from_maps, proposal_maps
+from primaps_dist.prototypes import nearest_prototype_upsampled
 
-__all__ = ["ProposalStats", "PseudoLabels", "assemble", "predict_classes", "generate", "proposal_stats_on_grid"]
+__all__ = ["ProposalStats", "PseudoLabels", "assemble", "generate", "proposal_stats_on_grid"]
 
 # Upper bound on elements of one label-resolution [chunk, channels, H, W] float tensor (~256 MB).
 _CHUNK_ELEMENTS = 64 * 1024 * 1024
@@ -68,11 +70,6 @@ class PseudoLabels:
     mask_ids: torch.Tensor
     num_proposals: torch.Tensor
     stats: ProposalStats
-
-
-def _chunks(batch: int, per_image: int) -> list[slice]:
-    size = max(1, _CHUNK_ELEMENTS // max(1, per_image))
-    return [slice(start, min(batch, start + size)) for start in range(0, batch, size)]
 
 
 def _label_groups(counts: torch.Tensor, pixels: int) -> list[torch.Tensor]:
@@ -144,40 +141,6 @@ def assemble(
     mode = torch.where(histogram == peak, classes, num_classes).amin(dim=2)  # [B, slots]
     labels = mode.gather(1, mask_ids.reshape(batch, -1)).reshape(mask_ids.shape)
     return labels.masked_fill(mask_ids == 0, ignore_index)
-
-
-def predict_classes(features: torch.Tensor, prototypes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Nearest prototype per pixel at label resolution.
-
-    ``argmax_k <mu_k, normalise(upsample(f))>``. Normalisation does not change the argmax over k and
-    bilinear upsampling is linear and acts on every channel alike, so this equals
-    ``argmax_k upsample(<mu_k, f>)``, which is what is computed: the K scores at patch resolution are
-    upsampled (bilinear, align_corners=False) instead of the C-channel features. The prototypes are
-    used as given (pass unit vectors for cosine similarity).
-
-    Args:
-        features: [B, C, h, w] float.
-        prototypes: [K, C] float.
-        size: (H, W) label resolution.
-
-    Returns:
-        [B, H, W] int64 class ids in [0, K).
-    """
-    if features.dim() != 4:
-        raise ValueError(f"features must have shape [B, C, h, w], got {tuple(features.shape)}")
-    if prototypes.dim() != 2 or prototypes.shape[1] != features.shape[1]:
-        raise ValueError(
-            f"prototypes must have shape [K, {features.shape[1]}], got {tuple(prototypes.shape)}"
-        )
-    height, width = int(size[0]), int(size[1])
-    weights = prototypes.to(device=features.device, dtype=torch.float32)
-    scores = torch.einsum("kc,bchw->bkhw", weights, features.to(torch.float32))
-    out = torch.empty(features.shape[0], height, width, dtype=torch.int64, device=features.device)
-    scores = scores.contiguous(memory_format=torch.channels_last)  # fast resize and channel argmax on CPU
-    for part in _chunks(features.shape[0], prototypes.shape[0] * height * width):
-        resized = F.interpolate(scores[part], size=(height, width), mode="bilinear", align_corners=False)
-        out[part] = argmax_channels(resized)
-    return out
 
 
 def proposal_stats_on_grid(raw_ids: torch.Tensor, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -257,7 +220,7 @@ def generate(
     coverage_post_crf = _labelled_fraction(mask_ids)
     if crf_fn is None:
         coverage_pre_crf = coverage_post_crf
-    classes = predict_classes(features, prototypes, size)
+    classes = nearest_prototype_upsampled(features, prototypes, size)
     labels = assemble(mask_ids, classes, prototypes.shape[0], ignore_index=ignore_index)
     cells, kept = proposal_stats_on_grid(raw_ids, logits)
     stats = ProposalStats(counts, cells, kept, coverage_pre_crf, coverage_post_crf)

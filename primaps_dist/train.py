@@ -21,8 +21,6 @@ import argparse
 import hashlib
 import logging
 import math
-import os
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -40,11 +38,13 @@ from primaps_dist.crf import crf_from_config
 from primaps_dist.data.loader import collect_state, make_train_loader
 from primaps_dist.diagnostics import DiagnosticsWindow, HealthMonitor
 from primaps_dist.em import gradient as em_gradient
-from primaps_dist.em.kmeans import assign
 from primaps_dist.em.pca import CovarianceAccumulator
 from primaps_dist.em.stats import PrototypeState, batch_stats
 from primaps_dist.errors import UserError, run_cli
+from primaps_dist.evaluate import evaluate_prototypes, write_reports
+from primaps_dist.prototypes import nearest_prototype
 from primaps_dist.pseudo_labels import generate
+from primaps_dist.runtime import StopFlag, inject_fault, setup_logging
 from primaps_dist.tracking import Tracker
 
 log = logging.getLogger("primaps_dist.train")
@@ -53,30 +53,6 @@ EXIT_PREEMPTED = 3  # a stop signal arrived; a checkpoint was written; the job c
 
 
 # ------------------------------------------------------------------------------------------ small helpers
-
-
-def setup_logging(rank: int) -> None:
-    logging.basicConfig(
-        level=logging.INFO,
-        format=f"[rank {rank}] %(asctime)s %(levelname)s %(message)s",
-        datefmt="%H:%M:%S",
-        stream=sys.stderr,
-        force=True,
-    )
-
-
-class StopFlag:
-    """Set by SIGTERM/SIGUSR1 (SLURM preemption, scancel); checked at step boundaries on every rank."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, _frame: Any) -> None:
-        if not self.requested:
-            log.warning("received %s: will checkpoint and stop after this step", signal.Signals(signum).name)
-        self.requested = True
 
 
 def normalized_pixels(features: torch.Tensor) -> torch.Tensor:
@@ -93,21 +69,6 @@ def class_usage_entropy(counts: torch.Tensor) -> float:
     p = p / total
     entropy = -(p[p > 0] * p[p > 0].log()).sum()
     return float(entropy / math.log(counts.numel()))
-
-
-def inject_fault(step: int, rank: int) -> None:
-    """Fault injection for resilience tests: ``PRIMAPS_FAULT=kill@STEP[:RANK]`` SIGKILLs that rank when it
-    reaches STEP, on the first attempt only (torchrun's restart count 0), so an elastic restart can recover."""
-    spec = os.environ.get("PRIMAPS_FAULT", "")
-    if not spec.startswith("kill@") or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
-        return
-    at, _, who = spec[len("kill@"):].partition(":")
-    if not at.isdigit() or not (who or "0").isdigit():
-        log.warning("ignoring malformed PRIMAPS_FAULT=%r (expected kill@STEP[:RANK])", spec)
-        return
-    if step == int(at) and rank == int(who or 0):
-        log.warning("fault injection: SIGKILL at step %d", step)
-        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def verify_identical(prototypes: torch.Tensor, step: int) -> None:
@@ -268,7 +229,7 @@ class Trainer:
 
     def kmeans_step(self, features: torch.Tensor) -> dict[str, float]:
         pixels = normalized_pixels(features)
-        labels = assign(pixels, self.state.prototypes.to(pixels.device))
+        labels = nearest_prototype(pixels, self.state.prototypes.to(pixels.device))
         packed = batch_stats(pixels, labels, self.K)
         dist.all_reduce_sum(packed)
         summary = self.state.update(packed, self.cfg.em.momentum)
@@ -318,8 +279,6 @@ class Trainer:
 
     def final_evaluation(self, tracker: Tracker) -> None:
         """Evaluate the final prototypes on the validation split (never used to select checkpoints)."""
-        from primaps_dist.evaluate import evaluate_prototypes, write_reports
-
         result = evaluate_prototypes(
             self.cfg, self.env, self.backbone, self.state.prototypes, self.device,
             num_overlays=self.cfg.tracking.num_overlays,

@@ -1,4 +1,5 @@
-"""PCA initialisation from the streamed covariance, cosine assignment and mini-batch spherical K-means."""
+"""PCA initialisation from the streamed covariance and mini-batch spherical K-means (the nearest-prototype
+assignment itself: test_prototypes.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 from primaps_dist import distributed
-from primaps_dist.em import CovarianceAccumulator, PrototypeState, assign, kmeans_step
+from primaps_dist.em import CovarianceAccumulator, PrototypeState, kmeans_step
 from primaps_dist.em.pca import orient_rows
 from support import dist_pipelines as utils
 
@@ -93,19 +94,6 @@ def test_accumulator_misuse():
         acc.update(torch.randn(3, 4))
     with pytest.raises(ValueError, match="called twice"):
         acc.reduce()
-
-
-def test_assign_cosine_argmax_ties_and_shapes():
-    prototypes = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])  # rows 0 and 2 tie everywhere
-    features = torch.tensor([[5.0, 1.0], [0.1, 3.0], [1.0, 1.0], [-1.0, 0.0]])
-    assert assign(features, prototypes).tolist() == [0, 1, 0, 1]  # [1,1]: 0 and 1 tie -> 0; [-1,0]: 1 (0 > -1)
-    maps = torch.randn(2, 2, 3, 4)
-    labels = assign(maps, prototypes)
-    assert labels.shape == (2, 3, 4) and labels.dtype == torch.int64
-    assert torch.equal(labels.reshape(-1), assign(maps.permute(0, 2, 3, 1).reshape(-1, 2), prototypes))
-    assert torch.equal(assign(maps * 7.0, prototypes), labels)  # scale invariant
-    with pytest.raises(ValueError, match="prototypes have shape"):
-        assign(features, torch.ones(3, 5))
 
 
 def test_kmeans_lloyd_recovers_separated_clusters():

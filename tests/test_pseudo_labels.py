@@ -1,4 +1,4 @@
-"""Tests of pseudo-label assembly, class prediction and the generate() pipeline."""
+"""Tests of pseudo-label assembly and the generate() pipeline (class prediction: test_prototypes.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from hypothesis import strategies as st
 
 from primaps_dist.ops import upsample_logits
 from primaps_dist.primaps import mask_logits
-from primaps_dist.pseudo_labels import PseudoLabels, assemble, generate, predict_classes
+from primaps_dist.prototypes import nearest_prototype_upsampled
+from primaps_dist.pseudo_labels import PseudoLabels, assemble, generate
 from primaps_reference import planted_features
 
 
@@ -76,19 +77,6 @@ def test_assemble_rejects_bad_input(mask_ids, class_pred, num_classes, ignore_in
         assemble(mask_ids, class_pred, num_classes, ignore_index)
 
 
-def test_predict_classes_equals_upsampled_normalised_features():
-    generator = torch.Generator().manual_seed(0)
-    features = torch.randn(2, 16, 5, 7, generator=generator) + 0.3
-    prototypes = F.normalize(torch.randn(6, 16, generator=generator), dim=1)
-    predicted = predict_classes(features, prototypes, (40, 56))
-    upsampled = F.normalize(F.interpolate(features, (40, 56), mode="bilinear", align_corners=False), dim=1)
-    expected = torch.einsum("kc,bchw->bkhw", prototypes, upsampled).argmax(1)
-    assert predicted.shape == (2, 40, 56) and predicted.dtype == torch.int64
-    assert (predicted == expected).float().mean() >= 0.999
-    with pytest.raises(ValueError, match="prototypes"):
-        predict_classes(features, prototypes[:, :8], (4, 4))
-
-
 def _scene(batch=2, size=64, channels=48, seed=0):
     features = planted_features(batch, channels=channels, size=size // 8, regions=5, noise=0.3, seed=seed)
     images = torch.rand(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
@@ -104,7 +92,7 @@ def test_generate_without_crf_is_argmax_of_upsampled_logits():
     assert result.labels.dtype == result.mask_ids.dtype == result.num_proposals.dtype == torch.int64
     expected_ids = upsample_logits(mask_logits(features), (64, 64)).argmax(1)
     assert torch.equal(result.mask_ids, expected_ids)
-    classes = predict_classes(features, prototypes, (64, 64))
+    classes = nearest_prototype_upsampled(features, prototypes, (64, 64))
     assert torch.equal(result.labels, brute_force_assemble(result.mask_ids, classes, 4))
     assert int(result.mask_ids.max()) <= int(result.num_proposals.max())
     assert ((result.labels == 255) == (result.mask_ids == 0)).all()

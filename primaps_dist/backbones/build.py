@@ -8,7 +8,7 @@
 * ``"module:function"``: a plug-in (contract in :mod:`primaps_dist.backbones.plugin`).
 
 With ``backbone.head_weights=PATH`` a trained projection head (STEGO / HP style) follows any of them
-(:mod:`primaps_dist.backbones.projection_head`).
+(:mod:`primaps_dist.backbones.head`; file format and command line: :mod:`primaps_dist.backbones.projection_head`).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from torch import nn
 from primaps_dist.backbones import offline
 from primaps_dist.backbones.cnn import cnn_extractor
 from primaps_dist.backbones.extractor import FeatureExtractor
+from primaps_dist.backbones.head import with_projection_head
 from primaps_dist.backbones.plugin import plugin_extractor
 from primaps_dist.backbones.presets import PRESETS
 from primaps_dist.backbones.vit import is_timm_vit, vit_extractor
@@ -41,9 +42,6 @@ def build_backbone(cfg: Any, device: torch.device | str = "cpu") -> FeatureExtra
     extractor = _base_extractor(cfg, device)
     head_weights = getattr(cfg, "head_weights", "")
     if head_weights:
-        # Imported here: the package must not import it, so that `python -m` runs it as a clean __main__.
-        from primaps_dist.backbones.projection_head import with_projection_head
-
         extractor = with_projection_head(extractor, head_weights)
     return extractor.to(device)
 
