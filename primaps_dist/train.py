@@ -10,7 +10,10 @@ One global step counter runs through three stages, all on the same infinite, res
     [.., + em_steps)                    PriMaPs-EM: features -> proposals -> CRF -> pseudo labels -> M-step
 
 Every rank computes features and pseudo labels for its own batch; the M-step reduces per-class statistics
-(`stats`) or gradients (`gradient`, DDP/DeepSpeed) so the prototypes are identical on every rank.
+(`stats`) or gradients (`gradient`, DDP/DeepSpeed) so the prototypes are identical on every rank. The stages
+call the same public functions that the multi-rank tests check bit for bit: ``CovarianceAccumulator.update``,
+``em.kmeans.kmeans_step``, ``em.stats.stats_step`` and ``em.gradient.GradientEngine.step``, on the raw
+features (each normalises once, in float64).
 Checkpoints (rank 0, atomic) hold everything needed to continue bit for bit: prototypes and EM state,
 head/optimizer state, each rank's data-stream position and RNG states, and the MLflow run id.
 """
@@ -39,10 +42,10 @@ from primaps_dist.data.loader import collect_state, make_train_loader
 from primaps_dist.diagnostics import DiagnosticsWindow, HealthMonitor
 from primaps_dist.em import gradient as em_gradient
 from primaps_dist.em.pca import CovarianceAccumulator
-from primaps_dist.em.stats import PrototypeState, batch_stats
+from primaps_dist.em.kmeans import kmeans_step
+from primaps_dist.em.stats import PrototypeState, stats_step
 from primaps_dist.errors import UserError, run_cli
 from primaps_dist.evaluate import evaluate_prototypes, write_reports
-from primaps_dist.prototypes import nearest_prototype
 from primaps_dist.pseudo_labels import generate
 from primaps_dist.runtime import StopFlag, inject_fault, setup_logging
 from primaps_dist.tracking import Tracker
@@ -53,11 +56,6 @@ EXIT_PREEMPTED = 3  # a stop signal arrived; a checkpoint was written; the job c
 
 
 # ------------------------------------------------------------------------------------------ small helpers
-
-
-def normalized_pixels(features: torch.Tensor) -> torch.Tensor:
-    """``[B, C, h, w]`` -> ``[B*h*w, C]`` unit vectors (float32)."""
-    return F.normalize(features.float().permute(0, 2, 3, 1).reshape(-1, features.shape[1]), dim=1)
 
 
 def class_usage_entropy(counts: torch.Tensor) -> float:
@@ -219,7 +217,7 @@ class Trainer:
             self.engine = em_gradient.make_engine(self.state.prototypes, self.cfg.em, self.env, self.device)
 
     def pca_step(self, features: torch.Tensor) -> dict[str, float]:
-        self.covariance.update(normalized_pixels(features))
+        self.covariance.update(features)
         if self.step == self.stages.pca_end - 1:
             self.covariance.reduce()
             directions = self.covariance.principal_directions(self.K, seed=self.cfg.train.seed)
@@ -228,11 +226,7 @@ class Trainer:
         return {}
 
     def kmeans_step(self, features: torch.Tensor) -> dict[str, float]:
-        pixels = normalized_pixels(features)
-        labels = nearest_prototype(pixels, self.state.prototypes.to(pixels.device))
-        packed = batch_stats(pixels, labels, self.K)
-        dist.all_reduce_sum(packed)
-        summary = self.state.update(packed, self.cfg.em.momentum)
+        summary = kmeans_step(self.state, features, self.cfg.em.momentum)
         if self.step == self.stages.kmeans_end - 1:
             self.baseline_prototypes = self.state.prototypes.detach().cpu().clone()
         return {"kmeans/objective": summary.objective, "class_usage_entropy": class_usage_entropy(summary.counts)}
@@ -261,10 +255,8 @@ class Trainer:
             # the patch, which shifts every label half a patch up and left of its feature.
             grid_labels = F.interpolate(
                 pseudo.labels[:, None].float(), size=features.shape[-2:], mode="nearest-exact"
-            )
-            packed = batch_stats(normalized_pixels(features), grid_labels.long().reshape(-1), self.K)
-            dist.all_reduce_sum(packed)
-            summary = self.state.update(packed, cfg.em.momentum)
+            )[:, 0].long()
+            summary = stats_step(self.state, features, grid_labels, cfg.em.momentum)
             metrics.update({"em/objective": summary.objective, "class_usage_entropy": class_usage_entropy(summary.counts)})
         else:
             student_images = images
