@@ -141,22 +141,37 @@ class WorkingSet:
     def cover(self, keep: torch.Tensor) -> None:
         """Mark ``keep`` [b, Q] rows covered; down-date the Gram matrix and the free sum.
 
-        The newly covered rows are gathered into a zero-padded [b, widest, C] block, so the
-        down-date is one batched rank-``widest`` update (padding rows contribute nothing).
+        The newly covered rows are gathered into zero-padded [m, width, C] blocks, so a down-date is
+        a batched rank-``width`` update (padding rows contribute nothing). Images are grouped by the
+        power of two above their count: padding every image to the batch's largest count did 3.4x
+        the necessary work on planted 384 x 40 x 40 maps.
         """
         newly = keep.sum(dim=1)
-        widest = int(newly.max())
+        counts = newly.cpu()
+        widest = int(counts.max())
         if widest > 0:
             order = torch.sort(keep.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :widest]
             valid = torch.arange(widest, device=keep.device)[None, :] < newly[:, None]
             covered = _take_rows(self.points, torch.where(valid, order, self.zero_row))  # [b, widest, C]
-            self.gram.baddbmm_(covered.transpose(1, 2), covered, alpha=-1.0)
-            if 4 * widest <= covered.shape[2]:
-                # Cheaper than a pass over G: keep G @ basis current for the next solver start.
-                self.gram_basis.baddbmm_(self.basis @ covered.transpose(1, 2), covered, alpha=-1.0)
-            else:
-                self.gram_basis = None
             self.free_sum = self.free_sum - covered.sum(dim=1)
+            carry_basis = 4 * widest <= covered.shape[2]
+            buckets = torch.where(counts > 0, torch.ceil(torch.log2(counts.clamp(min=1).double())), -1.0)
+            present = torch.unique(buckets[counts > 0]).tolist()
+            for bucket in present:
+                if len(present) == 1:  # one group: update G in place, no copies
+                    block = covered[:, : int(counts.max())]
+                    self.gram.baddbmm_(block.transpose(1, 2), block, alpha=-1.0)
+                    if carry_basis:
+                        self.gram_basis.baddbmm_(self.basis @ block.transpose(1, 2), block, alpha=-1.0)
+                    break
+                members = (buckets == bucket).nonzero().squeeze(1)
+                block = covered[members.to(keep.device), : int(counts[members].max())]
+                index = members.to(keep.device)
+                self.gram.index_add_(0, index, block.transpose(1, 2) @ block, alpha=-1.0)
+                if carry_basis:
+                    self.gram_basis.index_add_(0, index, (self.basis[index] @ block.transpose(1, 2)) @ block, alpha=-1.0)
+            if not carry_basis:
+                self.gram_basis = None
         self.free = self.free & ~keep
         self.free_count = self.free_count - newly
 
