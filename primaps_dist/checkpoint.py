@@ -18,8 +18,10 @@ Payloads are loaded with ``torch.load(weights_only=True)`` only: a file carrying
 :func:`save_checkpoint` checks that the payload holds only tensors, numbers, strings, booleans, None,
 lists, tuples and dicts, so every checkpoint it writes can be loaded that way.
 
-Ranks: only rank 0 writes (:func:`save_checkpoint`); :func:`save_checkpoint_distributed` wraps the
-collective protocol (every rank reaches every collective, a failure on rank 0 raises on all ranks).
+Ranks: :func:`save_checkpoint` is the one save path. One process is world size 1; with a process group every
+rank calls it (every rank reaches every collective, a failure anywhere raises on all ranks) and rank 0 writes.
+What a payload holds is :class:`primaps_dist.train_state.TrainState`'s business; this module only needs
+``prototypes``, ``step`` and ``config``.
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ import json
 import logging
 import os
 import pickle
-import random
 import re
 import shutil
 import tempfile
@@ -38,7 +39,6 @@ import zipfile
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-import numpy as np
 import torch
 
 from primaps_dist.errors import UserError
@@ -58,11 +58,6 @@ _PLAIN_TYPES = (int, float, bool, str, bytes, type(None))
 
 
 # ----------------------------------------------------------------------------------------------- paths
-
-
-def checkpoint_root(output_dir: str | os.PathLike) -> Path:
-    """``<output_dir>/checkpoints``."""
-    return Path(output_dir) / CHECKPOINTS_DIR_NAME
 
 
 def step_dir_name(step: int) -> str:
@@ -229,42 +224,6 @@ def _apply_retention(checkpoint_dir: Path, keep: int, newest: Path) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def save_checkpoint(
-    checkpoint_dir: str | os.PathLike,
-    step: int,
-    payload: Mapping[str, Any],
-    *,
-    keep: int,
-    extra_writer: Callable[[Path], None] | None = None,
-) -> Path:
-    """Write ``payload`` atomically as ``<checkpoint_dir>/step_<step>/``; returns that folder.
-
-    ``payload`` must hold at least ``prototypes`` (float tensor ``[K, C]``), ``step`` and ``config`` (the
-    resolved config dict); usually also ``mlflow_run_id`` and the trainer state (EM statistics, head and
-    optimizer state dicts, loader state, RNG states from :func:`capture_rng_state`). ``extra_writer(tmp)``
-    may add files to the folder before it is marked complete. Keeps the newest ``keep`` checkpoints.
-    Raises ValueError for a payload that ``weights_only`` loading could not read back, UserError for an
-    unwritable directory.
-    """
-    if keep < 1:
-        raise ValueError(f"keep must be >= 1, got {keep}")
-    _check_required(payload)
-    check_payload(dict(payload))
-    checkpoint_dir = ensure_writable_dir(checkpoint_dir, "checkpoint directory")
-    _remove_leftovers(checkpoint_dir)
-    final = checkpoint_dir / step_dir_name(step)
-    tmp_dir = checkpoint_dir / f"{final.name}.tmp-{os.getpid()}"
-    tmp_dir.mkdir()
-    try:
-        _write_payload(tmp_dir, step, payload, extra_writer)
-        _commit(checkpoint_dir, tmp_dir, final)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
-    _apply_retention(checkpoint_dir, keep, final)
-    return final
-
-
 def _check_required(payload: Mapping[str, Any]) -> None:
     missing = [key for key in REQUIRED_KEYS if key not in payload]
     if missing:
@@ -274,7 +233,42 @@ def _check_required(payload: Mapping[str, Any]) -> None:
         raise ValueError("checkpoint payload 'prototypes' must be a float tensor [K, C]")
 
 
-def save_checkpoint_distributed(
+class _Ranks:
+    """The ranks taking part in one save: a process group, or this process alone (world size 1)."""
+
+    def __init__(self, group: Any):
+        import torch.distributed as dist
+
+        self.dist = dist
+        self.group = group
+        self.single = not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1
+        self.rank = 0 if self.single else dist.get_rank(group)
+        self.device = torch.device("cpu")
+        if not self.single and dist.get_backend(group) == "nccl":
+            self.device = torch.device("cuda", torch.cuda.current_device())
+
+    def rank0_pid(self) -> int:
+        """Rank 0's process id (it names the temporary folder; every rank must agree on the name)."""
+        if self.single:
+            return os.getpid()
+        pid = torch.tensor([os.getpid() if self.rank == 0 else 0], dtype=torch.float64, device=self.device)
+        self.dist.all_reduce(pid, op=self.dist.ReduceOp.SUM, group=self.group)
+        return int(pid.item())
+
+    def agree(self, local_error: BaseException | None, step: int, what: str) -> None:
+        """Raise on every rank when any rank failed: the original error where it happened, else RuntimeError."""
+        failed_elsewhere = False
+        if not self.single:
+            flag = torch.tensor([1.0 if local_error is not None else 0.0], device=self.device)
+            self.dist.all_reduce(flag, op=self.dist.ReduceOp.MAX, group=self.group)
+            failed_elsewhere = flag.item() > 0
+        if local_error is not None:
+            raise local_error
+        if failed_elsewhere:
+            raise RuntimeError(f"checkpoint save of step {step} failed on another rank while {what}")
+
+
+def save_checkpoint(
     checkpoint_dir: str | os.PathLike,
     step: int,
     payload: Mapping[str, Any] | None,
@@ -284,46 +278,30 @@ def save_checkpoint_distributed(
     all_ranks_writer: Callable[[Path], None] | None = None,
     group: Any = None,
 ) -> Path:
-    """Collective save: call on EVERY rank. Rank 0 writes ``payload`` (ignored elsewhere).
+    """Write ``payload`` atomically as ``<checkpoint_dir>/step_<step>/``; returns that folder.
 
-    ``all_ranks_writer(tmp_dir)`` runs on every rank between the folder's creation and its commit (for
-    sharded state such as DeepSpeed ZeRO; needs a file system shared by all ranks). A failure on any rank
-    raises on every rank (RuntimeError there, the original error where it happened), so none waits forever
-    in a later collective. Without an initialised process group this is :func:`save_checkpoint`.
+    The one save path, for one process (world size 1) and for a process group alike. Collective when
+    torch.distributed is initialised with several ranks: call it on EVERY rank; rank 0 writes ``payload``
+    (other ranks may pass None). ``payload`` must hold at least ``prototypes`` (float tensor ``[K, C]``),
+    ``step`` and ``config`` (the trainer writes :meth:`primaps_dist.train_state.TrainState.to_payload`).
+
+    ``all_ranks_writer(tmp_dir)`` runs on every rank after the folder is created (sharded state such as
+    DeepSpeed ZeRO; needs a file system shared by all ranks); ``extra_writer(tmp_dir)`` runs on rank 0 after
+    ``checkpoint.pt`` is written. Both may add files before the folder is marked complete. Keeps the newest
+    ``keep`` checkpoints. A failure on any rank raises on every rank (the original error where it happened,
+    RuntimeError elsewhere), so none waits forever in a later collective, and nothing is committed. Raises
+    ValueError for a payload that ``weights_only`` loading could not read back, UserError for an unwritable
+    directory.
     """
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
-        def both_writers(tmp: Path) -> None:
-            if all_ranks_writer is not None:
-                all_ranks_writer(tmp)
-            if extra_writer is not None:
-                extra_writer(tmp)
-
-        return save_checkpoint(checkpoint_dir, step, payload or {}, keep=keep, extra_writer=both_writers)
-
-    rank = dist.get_rank(group)
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" \
-        else torch.device("cpu")
-
-    def agree(local_error: BaseException | None, what: str) -> None:
-        flag = torch.tensor([1.0 if local_error is not None else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
-        if local_error is not None:
-            raise local_error
-        if flag.item() > 0:
-            raise RuntimeError(f"checkpoint save of step {step} failed on another rank while {what}")
-
-    # Rank 0's pid names the temp folder; every rank must agree on it.
-    pid = torch.tensor([os.getpid() if rank == 0 else 0], dtype=torch.float64, device=device)
-    dist.all_reduce(pid, op=dist.ReduceOp.SUM, group=group)
+    ranks = _Ranks(group)
     checkpoint_dir = Path(checkpoint_dir)
     final = checkpoint_dir / step_dir_name(step)
-    tmp_dir = checkpoint_dir / f"{final.name}.tmp-{int(pid.item())}"
-
+    tmp_dir = checkpoint_dir / f"{final.name}.tmp-{ranks.rank0_pid()}"
     error: BaseException | None = None
-    if rank == 0:
+    if ranks.rank == 0:
         try:
+            if keep < 1:
+                raise ValueError(f"keep must be >= 1, got {keep}")
             if payload is None:
                 raise ValueError("rank 0 needs the payload")
             _check_required(payload)
@@ -333,22 +311,26 @@ def save_checkpoint_distributed(
             tmp_dir.mkdir()
         except BaseException as err:  # noqa: BLE001 - reported to every rank below
             error = err
-    agree(error, "preparing the folder")
-    if all_ranks_writer is not None:
-        try:
-            all_ranks_writer(tmp_dir)
-        except BaseException as err:  # noqa: BLE001
-            error = err
-        agree(error, "writing sharded state")
-    if rank == 0:
-        try:
-            _write_payload(tmp_dir, step, payload, extra_writer)
-            _commit(checkpoint_dir, tmp_dir, final)
-            _apply_retention(checkpoint_dir, keep, final)
-        except BaseException as err:  # noqa: BLE001
+    ranks.agree(error, step, "preparing the folder")
+    try:
+        if all_ranks_writer is not None:
+            try:
+                all_ranks_writer(tmp_dir)
+            except BaseException as err:  # noqa: BLE001
+                error = err
+            ranks.agree(error, step, "writing sharded state")
+        if ranks.rank == 0:
+            try:
+                _write_payload(tmp_dir, step, payload, extra_writer)
+                _commit(checkpoint_dir, tmp_dir, final)
+                _apply_retention(checkpoint_dir, keep, final)
+            except BaseException as err:  # noqa: BLE001
+                error = err
+        ranks.agree(error, step, "committing the checkpoint")
+    except BaseException:
+        if ranks.rank == 0:  # every rank has passed the last agreement: nobody writes into tmp_dir any more
             shutil.rmtree(tmp_dir, ignore_errors=True)
-            error = err
-    agree(error, "committing the checkpoint")
+        raise
     return final
 
 
@@ -438,75 +420,3 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return (text[0] if text else type(err).__name__)[:160]
-
-
-def check_compatible(payload: Mapping[str, Any], cfg: Any, *, channels: int | None = None,
-                     source: str | os.PathLike | None = None) -> None:
-    """Raise UserError when the checkpoint's prototypes cannot serve ``cfg`` (a Config).
-
-    Compared: ``backbone.name``, ``backbone.layers``, random versus trained ``backbone.weights``, the
-    number of prototypes K (``data.num_classes``) and, when the built backbone's ``channels`` are given,
-    the channel count C. The message names the key, e.g. "checkpoint X was trained with
-    backbone.name=dino_vits8 but the config says efficientnet_lite0".
-    """
-    where = f"checkpoint {source}" if source is not None else "the checkpoint"
-    saved = payload.get("config") or {}
-    saved_backbone = saved.get("backbone", {}) if isinstance(saved, dict) else {}
-
-    def differ(key: str, old: Any, new: Any) -> None:
-        raise UserError(f"{where} was trained with {key}={_show(old)} but the config says {_show(new)}")
-
-    if "name" in saved_backbone and saved_backbone["name"] != cfg.backbone.name:
-        differ("backbone.name", saved_backbone["name"], cfg.backbone.name)
-    if "layers" in saved_backbone and list(saved_backbone["layers"]) != list(cfg.backbone.layers):
-        differ("backbone.layers", list(saved_backbone["layers"]), list(cfg.backbone.layers))
-    old_weights = saved_backbone.get("weights")
-    if old_weights is not None and (old_weights == "random") != (cfg.backbone.weights == "random"):
-        differ("backbone.weights", old_weights, cfg.backbone.weights)
-    prototypes = payload["prototypes"]
-    if prototypes.shape[0] != cfg.data.num_classes:
-        differ("data.num_classes", int(prototypes.shape[0]), cfg.data.num_classes)
-    if channels is not None and prototypes.shape[1] != channels:
-        raise UserError(
-            f"{where} has {prototypes.shape[1]}-channel prototypes but backbone {cfg.backbone.name} gives "
-            f"{channels} channels (backbone.name / backbone.layers)"
-        )
-
-
-def _show(value: Any) -> str:
-    return str(value) if not isinstance(value, list) else "[" + ",".join(map(str, value)) + "]"
-
-
-# ----------------------------------------------------------------------------------------------- RNG state
-
-
-def capture_rng_state() -> dict[str, Any]:
-    """Python, NumPy, torch (and CUDA) generator states as tensors and plain numbers (weights_only safe)."""
-    np_kind, np_keys, np_pos, np_has_gauss, np_cached = np.random.get_state()
-    py_version, py_internal, py_gauss_next = random.getstate()
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "numpy": {"kind": str(np_kind), "keys": torch.from_numpy(np_keys.astype(np.int64)),
-                  "pos": int(np_pos), "has_gauss": int(np_has_gauss), "cached_gaussian": float(np_cached)},
-        "python": {"version": int(py_version), "state": torch.tensor(py_internal, dtype=torch.int64),
-                   "gauss_next": None if py_gauss_next is None else float(py_gauss_next)},
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = list(torch.cuda.get_rng_state_all())
-    return state
-
-
-def restore_rng_state(state: Mapping[str, Any]) -> None:
-    """Inverse of :func:`capture_rng_state` (CUDA states only when the device count matches)."""
-    torch.set_rng_state(state["torch"].to(torch.uint8).cpu())
-    numpy_state = state["numpy"]
-    np.random.set_state((
-        numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32), int(numpy_state["pos"]),
-        int(numpy_state["has_gauss"]), float(numpy_state["cached_gaussian"]),
-    ))
-    python_state = state["python"]
-    random.setstate((int(python_state["version"]), tuple(int(v) for v in python_state["state"].tolist()),
-                     python_state["gauss_next"]))
-    cuda_states = state.get("cuda")
-    if cuda_states and torch.cuda.is_available() and torch.cuda.device_count() == len(cuda_states):
-        torch.cuda.set_rng_state_all([s.to(torch.uint8).cpu() for s in cuda_states])

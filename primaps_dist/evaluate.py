@@ -22,13 +22,13 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from primaps_dist import checkpoint as ckpt
 from primaps_dist import distributed as dist
 from primaps_dist.config import Config, resolve_run_config
 from primaps_dist.errors import UserError, run_cli
 from primaps_dist.metrics import confusion_matrix, hungarian_scores
 from primaps_dist.prototypes import predict_clusters
 from primaps_dist.runtime import setup_logging
+from primaps_dist.train_state import load_train_state
 
 log = logging.getLogger("primaps_dist.evaluate")
 
@@ -172,23 +172,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="section.key=value overrides")
     args = parser.parse_args(argv)
 
-    payload = ckpt.load_checkpoint(args.checkpoint)
-    cfg = resolve_run_config(payload["config"], args.config, args.overrides)
+    saved = load_train_state(args.checkpoint)
+    cfg = resolve_run_config(saved.config, args.config, args.overrides)
     env = dist.init_distributed(cfg.dist, cfg.train.device)
     setup_logging(env.rank)
     try:
         device = env.device
         backbone = build_backbone(cfg.backbone, device)
-        ckpt.check_compatible(payload, cfg, channels=backbone.out_channels)
-        prototypes = payload["prototypes"].to(device)
+        saved.check_compatible(cfg, channels=backbone.out_channels)
+        prototypes = saved.prototypes.to(device)
         result = evaluate_prototypes(cfg, env, backbone, prototypes, device, num_overlays=cfg.tracking.num_overlays,
                                      shards=args.shards)
         if env.rank == 0:
-            checkpoint_path = ckpt.resolve_checkpoint(args.checkpoint)
-            out = Path(args.out) if args.out else checkpoint_path.parent / "eval" / "metrics.json"
+            out = Path(args.out) if args.out else Path(saved.source).parent / "eval" / "metrics.json"
             write_reports(result, out.parent, cfg, metrics_path=out)
             print(format_table(result.scores, class_names(cfg)))
-            print(f"evaluated {result.num_images} images at step {int(payload['step'])}; metrics in {out}")
+            print(f"evaluated {result.num_images} images at step {saved.step}; metrics in {out}")
         return 0
     finally:
         dist.shutdown()

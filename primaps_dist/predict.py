@@ -27,6 +27,7 @@ from primaps_dist.config import resolve_run_config
 from primaps_dist.errors import UserError, run_cli
 from primaps_dist.image_io import find_images, pad_to_multiple, read_rgb, resize_short_side, to_tensor
 from primaps_dist.prototypes import cosine_scores
+from primaps_dist.train_state import load_train_state
 
 log = logging.getLogger("primaps_dist.predict")
 
@@ -74,12 +75,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
 
-    payload = ckpt.load_checkpoint(args.checkpoint)
-    cfg = resolve_run_config(payload["config"], args.config, args.overrides)
+    saved = load_train_state(args.checkpoint)
+    cfg = resolve_run_config(saved.config, args.config, args.overrides)
     device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu")
     backbone = build_backbone(cfg.backbone, device)
-    ckpt.check_compatible(payload, cfg, channels=backbone.out_channels)
-    prototypes = payload["prototypes"].to(device)
+    saved.check_compatible(cfg, channels=backbone.out_channels)
+    prototypes = saved.prototypes.to(device)
     lookup = None
     if args.assignment:
         try:

@@ -14,8 +14,9 @@ Every rank computes features and pseudo labels for its own batch; the M-step red
 call the same public functions that the multi-rank tests check bit for bit: ``CovarianceAccumulator.update``,
 ``em.kmeans.kmeans_step``, ``em.stats.stats_step`` and ``em.gradient.GradientEngine.step``, on the raw
 features (each normalises once, in float64).
-Checkpoints (rank 0, atomic) hold everything needed to continue bit for bit: prototypes and EM state,
-head/optimizer state, each rank's data-stream position and RNG states, and the MLflow run id.
+Checkpoints (rank 0, atomic) hold a :class:`~primaps_dist.train_state.TrainState`, everything needed to continue
+bit for bit: prototypes and EM state, head/optimizer state, each rank's data-stream position and student-view
+generator, and the MLflow run id.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from primaps_dist.evaluate import evaluate_prototypes, write_reports
 from primaps_dist.pseudo_labels import generate
 from primaps_dist.runtime import StopFlag, inject_fault, setup_logging
 from primaps_dist.tracking import Tracker
+from primaps_dist.train_state import BackboneRecord, TrainState, load_train_state
 
 log = logging.getLogger("primaps_dist.train")
 
@@ -159,51 +161,54 @@ class Trainer:
         latest = ckpt.find_latest(self.ckpt_dir)
         if latest is None:
             return
-        payload = ckpt.load_checkpoint(latest)
-        ckpt.check_compatible(payload, self.cfg, channels=self.C)
-        self.step = int(payload["step"])
-        self.state.load_state_dict(payload["em_state"])
-        self.mlflow_run_id = payload.get("mlflow_run_id") or None
-        self.skipped_total = int(payload.get("skipped_total", 0))
-        if "kmeans_prototypes" in payload:
-            self.baseline_prototypes = payload["kmeans_prototypes"]
-        loader_states = payload.get("loader_states")
-        if loader_states is not None and len(loader_states) == self.env.world_size:
-            self.loader_state = loader_states[self.env.rank]
-        generators = payload.get("student_generators")
-        if generators is not None and len(generators) == self.env.world_size:
-            self.student_generator.set_state(generators[self.env.rank])
-        if "gradient_state" in payload and self.cfg.em.mode == "gradient":
+        saved = load_train_state(latest)
+        saved.check_compatible(self.cfg, channels=self.C)
+        self.step = saved.step
+        self.state.load_state_dict(saved.em_state)
+        self.mlflow_run_id = saved.mlflow_run_id or None
+        self.skipped_total = saved.skipped_total
+        self.baseline_prototypes = saved.kmeans_prototypes
+        rank, world_size = self.env.rank, self.env.world_size
+        self.loader_state = saved.rank_part(saved.loader_states, rank, world_size)
+        generator_state = saved.rank_part(saved.student_generators, rank, world_size)
+        if generator_state is not None:
+            self.student_generator.set_state(generator_state)
+        if saved.gradient_state is not None and self.cfg.em.mode == "gradient":
             self._ensure_engine()
-            self.engine.load_state_dict(payload["gradient_state"], checkpoint_dir=Path(latest))
+            self.engine.load_state_dict(saved.gradient_state, checkpoint_dir=Path(latest))
         log.info("resumed from %s at step %d", latest, self.step)
+
+    def train_state(self) -> tuple[TrainState, Any]:
+        """This run's :class:`TrainState` and the engine's writer of sharded state (None unless DeepSpeed ZeRO).
+        Collective: gathers every rank's data-stream position and student-view generator."""
+        gradient_state, sharded_writer = None, None
+        if self.engine is not None:
+            gradient_state, sharded_writer = self.engine.checkpoint_parts()
+        state = TrainState(
+            prototypes=self.state.prototypes.detach().cpu().clone(),
+            step=self.step,
+            stage=self.stages.name(max(self.step - 1, 0)),
+            config=self.cfg.to_dict(),
+            backbone=BackboneRecord(self.cfg.backbone.name, list(self.cfg.backbone.layers), self.C),
+            num_classes=self.K,
+            world_size=self.env.world_size,
+            em_state=self.state.state_dict(),
+            loader_states=dist.all_gather_object(self.loader_state),
+            student_generators=dist.all_gather_object(self.student_generator.get_state()),
+            skipped_total=self.skipped_total,
+            mlflow_run_id=self.mlflow_run_id or "",
+            kmeans_prototypes=self.baseline_prototypes,
+            gradient_state=gradient_state,
+        )
+        return state, sharded_writer
 
     def save(self) -> Path:
         """Every rank calls this (collects loader states); rank 0 writes the payload atomically."""
-        loader_states = dist.all_gather_object(self.loader_state)
-        generators = dist.all_gather_object(self.student_generator.get_state())
-        payload: dict[str, Any] = {
-            "prototypes": self.state.prototypes.detach().cpu().clone(),
-            "step": self.step,
-            "stage": self.stages.name(max(self.step - 1, 0)),
-            "config": self.cfg.to_dict(),
-            "mlflow_run_id": self.mlflow_run_id or "",
-            "backbone": {"name": self.cfg.backbone.name, "layers": list(self.cfg.backbone.layers), "channels": self.C},
-            "num_classes": self.K,
-            "em_state": self.state.state_dict(),
-            "loader_states": loader_states,
-            "student_generators": generators,
-            "skipped_total": self.skipped_total,
-            **({"kmeans_prototypes": self.baseline_prototypes} if self.baseline_prototypes is not None else {}),
-            "world_size": self.env.world_size,
-        }
-        sharded_writer = None
-        if self.engine is not None:
-            payload["gradient_state"], sharded_writer = self.engine.checkpoint_parts()
+        state, sharded_writer = self.train_state()
         # Collective: every rank reaches every collective, and a failure anywhere raises everywhere.
         with dist.guard_collective("checkpoint save"):  # a peer lost mid-save: one line, not a traceback
-            path = ckpt.save_checkpoint_distributed(
-                self.ckpt_dir, self.step, payload if self.master else None,
+            path = ckpt.save_checkpoint(
+                self.ckpt_dir, self.step, state.to_payload() if self.master else None,
                 keep=self.cfg.checkpoint.keep, all_ranks_writer=sharded_writer,
             )
         if self.master:

@@ -588,7 +588,7 @@ class _ShardedWriter:
     """Collective checkpoint writer for engines with sharded state (DeepSpeed ZeRO >= 1).
 
     Called on EVERY rank; rank 0's directory is shared with all (ranks may pass None), then each rank writes
-    its shard into ``<directory>/deepspeed``. Fits ``checkpoint.save_checkpoint_distributed(all_ranks_writer=)``
+    its shard into ``<directory>/deepspeed``. Fits ``checkpoint.save_checkpoint(all_ranks_writer=)``
     and the "rank 0 passes the folder, the others None" protocol alike.
     """
 
