@@ -90,10 +90,6 @@ class FeatureExtractor(nn.Module):
         """Always eval mode: a frozen backbone must not update batch-norm statistics or use dropout."""
         return super().train(False)
 
-    def feature_size(self, height: int, width: int) -> tuple[int, int]:
-        """``(h, w)`` of the feature map for an input of ``height x width`` pixels."""
-        return height // self.stride, width // self.stride
-
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """``images``: ``[B, 3, H, W]`` float in 0..1 -> features ``[B, C, H/stride, W/stride]`` float32."""
         if images.dim() != 4 or images.shape[1] != 3:
