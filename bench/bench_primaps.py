@@ -1,6 +1,6 @@
 """Throughput of batched PriMaPs (``mask_logits``) vs the per-image reference loop, and peak memory.
 
-The reference is the straightforward per-image implementation in ``tests/primaps_reference.py`` with
+The reference is the straightforward per-image implementation in ``primaps_dist/testing/primaps_reference.py`` with
 the paper's solver (``torch.pca_lowrank(q=3, niter=100)`` per proposal, its sign as returned); the
 agreement of the label maps with it (adjusted Rand index, proposal counts) is printed over 3 seeds. Both run on the same CPU
 with the same thread count, interleaved (ours, reference chunk, ours, ...), so machine load affects
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -26,10 +25,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
 from primaps_dist.primaps import mask_logits, principal_masks  # noqa: E402
-from primaps_reference import (  # noqa: E402
+from primaps_dist.testing.primaps_reference import (  # noqa: E402
     oracle_agreement,
     planted_features,
     reference_logits,
@@ -39,7 +37,7 @@ from primaps_reference import (  # noqa: E402
 
 def make_features(args: argparse.Namespace, batch: int, channels: int) -> torch.Tensor:
     if args.features == "real":
-        from lite0_features import PHOTOS, photo_features
+        from primaps_dist.testing.photo_features import PHOTOS, photo_features
 
         names = [PHOTOS[i % len(PHOTOS)] for i in range(batch)]
         return photo_features(names, stage=args.stage)[1].contiguous()

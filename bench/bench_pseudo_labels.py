@@ -26,7 +26,6 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
 
 from primaps_dist.config import CRFConfig  # noqa: E402
 from primaps_dist.crf import crf_from_config  # noqa: E402
@@ -39,7 +38,7 @@ from primaps_dist.pseudo_labels import (  # noqa: E402
     generate,
 )
 from primaps_dist.prototypes import nearest_prototype_upsampled  # noqa: E402
-from primaps_reference import planted_features  # noqa: E402
+from primaps_dist.testing.primaps_reference import planted_features  # noqa: E402
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
@@ -61,7 +60,7 @@ class Clock:
 
 
 def photos(batch: int, size: int) -> torch.Tensor:
-    from lite0_features import PHOTOS, photo
+    from primaps_dist.testing.photo_features import PHOTOS, photo
 
     return torch.stack([photo(PHOTOS[i % len(PHOTOS)], size) for i in range(batch)])
 

@@ -15,7 +15,7 @@ from scipy import ndimage
 from primaps_dist.diagnostics import METRIC_KEYS, DiagnosticsWindow, HealthMonitor
 from primaps_dist.primaps import principal_masks
 from primaps_dist.pseudo_labels import ProposalStats, generate
-from primaps_reference import planted_features
+from primaps_dist.testing.primaps_reference import planted_features
 from support.demo import tiny_train_args
 from support.env import child_env
 from support.run import module_command, run_command

@@ -12,7 +12,6 @@ import ast
 import re
 from pathlib import Path
 
-import pytest
 
 from support.env import REPO
 
@@ -52,9 +51,6 @@ def test_tests_never_load_benchmark_files():
     assert offenders == []
 
 
-@pytest.mark.xfail(strict=True, reason="bench_primaps.py and bench_pseudo_labels.py still import "
-                                       "tests/primaps_reference.py and tests/lite0_features.py; move those two "
-                                       "to primaps_dist/testing/ and remove this mark")
 def test_benchmarks_never_import_from_tests():
     offenders = []
     for path in sorted((REPO / "bench").glob("*.py")):

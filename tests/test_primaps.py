@@ -15,7 +15,7 @@ from primaps_dist.primaps import (
     postprocess_masks,
     principal_masks,
 )
-from primaps_reference import (
+from primaps_dist.testing.primaps_reference import (
     OracleAgreement,
     oracle_agreement,
     planted_features,
@@ -57,7 +57,7 @@ def _assert_faithful(agreement: OracleAgreement, min_stable: int) -> None:
 
 @pytest.fixture(scope="module")
 def photo_features_stride16() -> torch.Tensor:
-    from lite0_features import photo_features
+    from primaps_dist.testing.photo_features import photo_features
 
     with torch.random.fork_rng(devices=[]):
         torch.set_num_threads(2)

@@ -12,7 +12,7 @@ from primaps_dist.ops import upsample_logits
 from primaps_dist.primaps import mask_logits
 from primaps_dist.prototypes import nearest_prototype_upsampled
 from primaps_dist.pseudo_labels import PseudoLabels, assemble, generate
-from primaps_reference import planted_features
+from primaps_dist.testing.primaps_reference import planted_features
 
 
 @pytest.fixture(autouse=True)

@@ -6,4 +6,8 @@ the code they are used to check, and no module of the package outside ``testing`
 
 - :mod:`primaps_dist.testing.crf_samples`: scikit-image photos with PriMaPs-like log-probabilities, the input
   of the dense-CRF agreement tests and of ``bench/bench_crf.py``.
+- :mod:`primaps_dist.testing.primaps_reference`: the per-image PriMaPs loop written from the paper, calling
+  ``torch.pca_lowrank`` as published (the oracle of ``tests/test_primaps.py`` and ``bench/bench_primaps.py``),
+  the adjusted Rand index and planted DINO-like feature maps.
+- :mod:`primaps_dist.testing.photo_features`: real EfficientNet-Lite0 features of scikit-image's photos.
 """

@@ -1,4 +1,4 @@
-"""Test helper: real backbone features of real photos, fully offline.
+"""Real backbone features of real photos, fully offline (shared by tests and benchmarks).
 
 Uses the package's ``build_backbone`` (preset ``efficientnet_lite0``) when it is importable, otherwise
 a local loader: EfficientNet-Lite0 (timm ``tf_efficientnet_lite0``) with the ImageNet state dict shipped by the PyPI
