@@ -1,6 +1,6 @@
 """Cost of pseudo-label generation relative to the backbone forward pass, per 320x320 image.
 
-Pseudo labels (``primaps_dist.pseudo_labels.generate``: PriMaPs proposals + bilinear upsampling +
+Pseudo labels (``primaps_dist.pseudo_labels.make_pseudo_labels``: PriMaPs proposals + bilinear upsampling +
 dense CRF + class prediction and assembly) are timed next to the forward pass of DINO ViT-S/8
 (timm ``vit_small_patch8_224``, random weights, never downloaded) on the same CPU, thread count and
 images. Target: pseudo labels <= 25 % of the backbone forward. Times are CPU time of this process
@@ -35,7 +35,7 @@ from primaps_dist.pseudo_labels import (  # noqa: E402
     _label_groups,
     _resize_images,
     assemble,
-    generate,
+    make_pseudo_labels,
 )
 from primaps_dist.prototypes import nearest_prototype_upsampled  # noqa: E402
 from primaps_dist.testing.primaps_reference import planted_features  # noqa: E402
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     vit_input = (images - IMAGENET_MEAN) / IMAGENET_STD
     with torch.inference_mode():
         vit.forward_features(vit_input[:1, :, :64, :64])  # warm-up
-        generate(features[:1, :, :8, :8], images[:1, :, :64, :64], prototypes, crf_fn=crf_fn)
+        make_pseudo_labels(features[:1, :, :8, :8], images[:1, :, :64, :64], prototypes, crf_fn=crf_fn)
 
     backbone, total = Clock(), Clock()
     split = {name: Clock() for name in ("proposals", "upsample", "crf", "assign")}
@@ -110,9 +110,9 @@ def main(argv: list[str] | None = None) -> int:
             with backbone:
                 vit.forward_features(vit_input)
             with total:
-                result = generate(features, images, prototypes, crf_fn=crf_fn, label_size=size)
+                result = make_pseudo_labels(features, images, prototypes, crf_fn=crf_fn, label_size=size)
             proposal_counts = result.num_proposals
-            # The same pipeline step by step (same image groups as generate), for the split.
+            # The same pipeline step by step (same image groups as make_pseudo_labels), for the split.
             with split["proposals"]:
                 logits = mask_logits(features)
             counts = torch.isfinite(logits[:, 1:, 0, 0]).sum(dim=1)

@@ -243,6 +243,7 @@ class _Ranks:
         self.group = group
         self.single = not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1
         self.rank = 0 if self.single else dist.get_rank(group)
+        self.is_master = self.rank == 0  # rank 0 of the group writes the payload
         self.device = torch.device("cpu")
         if not self.single and dist.get_backend(group) == "nccl":
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -251,7 +252,7 @@ class _Ranks:
         """Rank 0's process id (it names the temporary folder; every rank must agree on the name)."""
         if self.single:
             return os.getpid()
-        pid = torch.tensor([os.getpid() if self.rank == 0 else 0], dtype=torch.float64, device=self.device)
+        pid = torch.tensor([os.getpid() if self.is_master else 0], dtype=torch.float64, device=self.device)
         self.dist.all_reduce(pid, op=self.dist.ReduceOp.SUM, group=self.group)
         return int(pid.item())
 
@@ -298,7 +299,7 @@ def save_checkpoint(
     final = checkpoint_dir / step_dir_name(step)
     tmp_dir = checkpoint_dir / f"{final.name}.tmp-{ranks.rank0_pid()}"
     error: BaseException | None = None
-    if ranks.rank == 0:
+    if ranks.is_master:
         try:
             if keep < 1:
                 raise ValueError(f"keep must be >= 1, got {keep}")
@@ -319,7 +320,7 @@ def save_checkpoint(
             except BaseException as err:  # noqa: BLE001
                 error = err
             ranks.agree(error, step, "writing sharded state")
-        if ranks.rank == 0:
+        if ranks.is_master:
             try:
                 _write_payload(tmp_dir, step, payload, extra_writer)
                 _commit(checkpoint_dir, tmp_dir, final)
@@ -328,7 +329,7 @@ def save_checkpoint(
                 error = err
         ranks.agree(error, step, "committing the checkpoint")
     except BaseException:
-        if ranks.rank == 0:  # every rank has passed the last agreement: nobody writes into tmp_dir any more
+        if ranks.is_master:  # every rank has passed the last agreement: nobody writes into tmp_dir any more
             shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
     return final

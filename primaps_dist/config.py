@@ -21,8 +21,7 @@ import yaml
 
 from primaps_dist.backbones.presets import PRESETS
 from primaps_dist.errors import ConfigError, UserError
-
-IGNORE_INDEX = 255
+from primaps_dist.labels import IGNORE_INDEX
 
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

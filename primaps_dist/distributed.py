@@ -89,7 +89,8 @@ class DistEnv:
         return self.world_size > 1
 
     @property
-    def is_main(self) -> bool:
+    def is_master(self) -> bool:
+        """Global rank 0: the one process that writes checkpoints and reports, logs metrics and draws pictures."""
         return self.rank == 0
 
 

@@ -25,6 +25,7 @@ import torch
 from primaps_dist import distributed as dist
 from primaps_dist.config import Config, resolve_run_config
 from primaps_dist.errors import UserError, run_cli
+from primaps_dist.labels import IGNORE_INDEX
 from primaps_dist.metrics import confusion_matrix, hungarian_scores
 from primaps_dist.prototypes import predict_clusters
 from primaps_dist.runtime import setup_logging
@@ -76,10 +77,11 @@ def evaluate_prototypes(
         for batch in loader:
             images = batch["image"].to(device)
             targets = batch["label"]
-            prediction = predict_clusters(backbone, prototypes, images, flip=cfg.eval.flip, crf_fn=crf_fn).cpu()
+            prediction = predict_clusters(backbone, prototypes, images, flip=cfg.eval.flip, crf_fn=crf_fn)
+            prediction = prediction.cpu()
             confusion += confusion_matrix(prediction.reshape(-1), targets.reshape(-1), K)
             num_images += images.shape[0]
-            if env.rank == 0 and len(overlays) < num_overlays:
+            if env.is_master and len(overlays) < num_overlays:
                 for i in range(min(images.shape[0], num_overlays - len(overlays))):
                     picture = (images[i].permute(1, 2, 0).cpu().numpy() * 255).round().astype(np.uint8)
                     overlays.append((picture, prediction[i].numpy(), targets[i].numpy()))
@@ -97,9 +99,9 @@ def evaluate_prototypes(
 
 
 def _map_clusters(prediction: np.ndarray, assignment: np.ndarray) -> np.ndarray:
-    """Cluster ids -> matched class ids (unmatched clusters -> 255)."""
-    lookup = np.full(max(len(assignment), int(prediction.max()) + 1), 255, dtype=np.int64)
-    lookup[: len(assignment)] = np.where(assignment >= 0, assignment, 255)
+    """Cluster ids -> matched class ids (unmatched clusters -> IGNORE_INDEX)."""
+    lookup = np.full(max(len(assignment), int(prediction.max()) + 1), IGNORE_INDEX, dtype=np.int64)
+    lookup[: len(assignment)] = np.where(assignment >= 0, assignment, IGNORE_INDEX)
     return lookup[prediction]
 
 
@@ -183,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         prototypes = saved.prototypes.to(device)
         result = evaluate_prototypes(cfg, env, backbone, prototypes, device, num_overlays=cfg.tracking.num_overlays,
                                      shards=args.shards)
-        if env.rank == 0:
+        if env.is_master:
             out = Path(args.out) if args.out else Path(saved.source).parent / "eval" / "metrics.json"
             write_reports(result, out.parent, cfg, metrics_path=out)
             print(format_table(result.scores, class_names(cfg)))

@@ -15,7 +15,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from primaps_dist import distributed
-from primaps_dist.config import IGNORE_INDEX
+from primaps_dist.labels import IGNORE_INDEX
 
 __all__ = ["confusion_matrix", "reduce_confusion", "hungarian_scores"]
 

@@ -79,7 +79,9 @@ def _chunks(batch: int, per_image: int) -> list[slice]:
     return [slice(start, min(batch, start + size)) for start in range(0, batch, size)]
 
 
-def nearest_prototype_upsampled(features: torch.Tensor, prototypes: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+def nearest_prototype_upsampled(
+    features: torch.Tensor, prototypes: torch.Tensor, size: tuple[int, int]
+) -> torch.Tensor:
     """Nearest prototype per pixel at label resolution ``size``.
 
     ``argmax_k <mu_k, normalise(upsample(f))>``. Normalisation does not change the argmax over k and

@@ -1,13 +1,13 @@
 """Pseudo labels from PriMaPs proposals and class prototypes (ALGORITHM.md section 3, the E-step).
 
-``generate`` runs the whole chain for a batch: proposals (``primaps.mask_logits``) -> bilinear
+``make_pseudo_labels`` runs the whole chain for a batch: proposals (``primaps.mask_logits``) -> bilinear
 upsampling to the label size -> optional dense CRF -> ``argmax`` (mask id per pixel, 0 = background)
 -> every proposal takes the most frequent prototype class among its pixels
 (:func:`~primaps_dist.prototypes.nearest_prototype_upsampled`). Everything is batched;
 the only loops are over memory-bounded chunks of images in the label-resolution stages.
 
-Along the way ``generate`` records label-free health statistics (:class:`ProposalStats`) from tensors it
-has anyway: they stay on the device, and nothing here reads them back to the host.
+Along the way ``make_pseudo_labels`` records label-free health statistics (:class:`ProposalStats`) from
+tensors it has anyway: they stay on the device, and nothing here reads them back to the host.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
+from primaps_dist.labels import IGNORE_INDEX
 from primaps_dist.ops import argmax_channels, upsample_logits
 
 # The two halves of ``mask_logits``: the raw proposal maps (before the median filter) are needed for the
@@ -25,7 +26,7 @@ from primaps_dist.ops import argmax_channels, upsample_logits
 from primaps_dist.primaps import logits_from_maps, proposal_maps
 from primaps_dist.prototypes import nearest_prototype_upsampled
 
-__all__ = ["ProposalStats", "PseudoLabels", "assemble", "generate", "proposal_stats_on_grid"]
+__all__ = ["ProposalStats", "PseudoLabels", "assemble", "make_pseudo_labels", "proposal_stats_on_grid"]
 
 # Upper bound on elements of one label-resolution [chunk, channels, H, W] float tensor (~256 MB).
 _CHUNK_ELEMENTS = 64 * 1024 * 1024
@@ -57,9 +58,10 @@ class ProposalStats:
 
 @dataclass
 class PseudoLabels:
-    """Output of :func:`generate`.
+    """Output of :func:`make_pseudo_labels`.
 
-    labels: [B, H', W'] int64 class per pixel, ``ignore_index`` (255) on background / unlabelled.
+    labels: [B, H', W'] int64 class per pixel, ``ignore_index`` (default ``IGNORE_INDEX``) on background /
+        unlabelled.
     mask_ids: [B, H', W'] int64 proposal id per pixel after CRF + argmax (0 = background).
     num_proposals: [B] int64 number of PriMaPs proposals per image (before the CRF; a proposal can
         lose all its pixels in the CRF / argmax).
@@ -97,7 +99,7 @@ def _label_groups(counts: torch.Tensor, pixels: int) -> list[torch.Tensor]:
 
 
 def assemble(
-    mask_ids: torch.Tensor, class_pred: torch.Tensor, num_classes: int, ignore_index: int = 255
+    mask_ids: torch.Tensor, class_pred: torch.Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX
 ) -> torch.Tensor:
     """Give every proposal the mode of the predicted classes inside it.
 
@@ -165,7 +167,7 @@ def _resize_images(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 
 
 @torch.no_grad()
-def generate(
+def make_pseudo_labels(
     features: torch.Tensor,
     images: torch.Tensor,
     prototypes: torch.Tensor,
@@ -176,7 +178,7 @@ def generate(
     median_filter: bool = True,
     crf_fn: Optional[CrfFn] = None,
     label_size: Optional[tuple[int, int]] = None,
-    ignore_index: int = 255,
+    ignore_index: int = IGNORE_INDEX,
 ) -> PseudoLabels:
     """PriMaPs pseudo labels for a batch.
 

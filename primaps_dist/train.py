@@ -47,7 +47,7 @@ from primaps_dist.em.kmeans import kmeans_step
 from primaps_dist.em.stats import PrototypeState, stats_step
 from primaps_dist.errors import UserError, run_cli
 from primaps_dist.evaluate import evaluate_prototypes, write_reports
-from primaps_dist.pseudo_labels import generate
+from primaps_dist.pseudo_labels import make_pseudo_labels
 from primaps_dist.runtime import StopFlag, inject_fault, setup_logging
 from primaps_dist.tracking import Tracker
 from primaps_dist.train_state import BackboneRecord, TrainState, load_train_state
@@ -125,7 +125,6 @@ class Trainer:
     def __init__(self, cfg: Config, env: dist.DistEnv):
         self.cfg = cfg
         self.env = env
-        self.master = env.rank == 0
         self.device = env.device  # chosen by init_distributed (handles one visible GPU per task)
         self.out_dir = Path(cfg.train.output_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
@@ -208,10 +207,10 @@ class Trainer:
         # Collective: every rank reaches every collective, and a failure anywhere raises everywhere.
         with dist.guard_collective("checkpoint save"):  # a peer lost mid-save: one line, not a traceback
             path = ckpt.save_checkpoint(
-                self.ckpt_dir, self.step, state.to_payload() if self.master else None,
+                self.ckpt_dir, self.step, state.to_payload() if self.env.is_master else None,
                 keep=self.cfg.checkpoint.keep, all_ranks_writer=sharded_writer,
             )
-        if self.master:
+        if self.env.is_master:
             log.info("saved checkpoint %s", path)
         return path
 
@@ -236,11 +235,13 @@ class Trainer:
             self.baseline_prototypes = self.state.prototypes.detach().cpu().clone()
         return {"kmeans/objective": summary.objective, "class_usage_entropy": class_usage_entropy(summary.counts)}
 
-    def em_step(self, images: torch.Tensor, features: torch.Tensor, timer: StepTimer) -> dict[str, float]:
+    def e_and_m_step(self, images: torch.Tensor, features: torch.Tensor, timer: StepTimer) -> dict[str, float]:
+        """One PriMaPs-EM step: the E-step (pseudo labels of ``images`` ``[B, 3, H, W]`` from ``features``
+        ``[B, C, h, w]`` and the teacher prototypes), then the M-step (``stats`` or ``gradient``)."""
         cfg = self.cfg
         label_size = cfg.proposals.label_size or cfg.data.crop_size
         teacher = self.state.prototypes if cfg.em.mode == "stats" else self.engine.teacher_prototypes()
-        pseudo = generate(
+        pseudo = make_pseudo_labels(
             features,
             images,
             teacher.to(features.device),
@@ -283,7 +284,7 @@ class Trainer:
         baseline = None
         if self.baseline_prototypes is not None and self.cfg.train.em_steps > 0:
             baseline = evaluate_prototypes(self.cfg, self.env, self.backbone, self.baseline_prototypes, self.device)
-        if not self.master:
+        if not self.env.is_master:
             return
         paths = write_reports(result, self.out_dir / "eval", self.cfg)
         scores = {"eval/accuracy": result.scores["accuracy"], "eval/miou": result.scores["miou"]}
@@ -305,7 +306,7 @@ class Trainer:
 
     def run(self) -> int:
         cfg, env = self.cfg, self.env
-        if self.master:
+        if self.env.is_master:
             ckpt.ensure_writable_dir(self.out_dir, "train.output_dir")
             save_config(cfg, self.out_dir / "config.yaml")
         dist.barrier()
@@ -313,9 +314,10 @@ class Trainer:
         if cfg.em.mode == "gradient" and self.step >= self.stages.kmeans_end:
             self._ensure_engine()
 
-        tracker = Tracker(cfg.tracking, is_main=self.master, output_dir=self.out_dir, run_id=self.mlflow_run_id)
+        tracker = Tracker(cfg.tracking, is_main=self.env.is_master, output_dir=self.out_dir,
+                          run_id=self.mlflow_run_id)
         self.mlflow_run_id = tracker.start(flatten(cfg.to_dict()), run_name=cfg.tracking.run_name or None)
-        if self.master and self.step == 0:
+        if self.env.is_master and self.step == 0:
             tracker.log_artifact(self.out_dir / "config.yaml")
 
         # A resumed job re-enters the PCA stage from its start: the covariance is not checkpointed, and
@@ -332,7 +334,7 @@ class Trainer:
             resume_state=self.loader_state,
         )
         batches = iter(loader)
-        progress = _progress_bar(self.master, self.stages.total, self.step)
+        progress = _progress_bar(self.env.is_master, self.stages.total, self.step)
         timer = StepTimer()
         window_steps, window_images, window_start, window_skipped = 0, 0, time.perf_counter(), 0
         status, exit_code = "FINISHED", 0
@@ -354,7 +356,7 @@ class Trainer:
                 elif stage == "kmeans":
                     metrics = self.kmeans_step(features)
                 else:
-                    metrics = self.em_step(images, features, timer)
+                    metrics = self.e_and_m_step(images, features, timer)
                 timer.lap("update", self.device)
                 self.step += 1
                 if cfg.train.verify_every and self.step > self.stages.pca_end and self.step % cfg.train.verify_every == 0:
@@ -376,7 +378,7 @@ class Trainer:
                     rate = window_images * env.world_size / max(elapsed, 1e-9)
                     times = timer.pop()
                     diagnostics = self.diagnostics.pop()
-                    if self.master:
+                    if self.env.is_master:
                         self.health.check(diagnostics, self.step)
                     metrics = {
                         **metrics,
@@ -387,7 +389,7 @@ class Trainer:
                     }
                     tracker.log_metrics({"stage": float(["pca", "kmeans", "em"].index(stage)), **metrics}, self.step)
                     progress.set_postfix(stage=stage, img_s=f"{rate:.1f}")
-                    if self.master:
+                    if self.env.is_master:
                         split = " ".join(f"{name}={1000 * seconds / window_steps:.0f}ms" for name, seconds in times.items())
                         log.info("step %d/%d %s %.1f img/s | %s", self.step, self.stages.total, stage, rate, split)
                     window_steps, window_images, window_start = 0, 0, time.perf_counter()

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from primaps_dist.config import IGNORE_INDEX
+from primaps_dist.labels import IGNORE_INDEX
 
 # Kelly's colours of maximum contrast, without white and black (black is reserved for "ignore").
 _KELLY = (
@@ -103,9 +103,9 @@ def colorize(labels: Any, num_classes: int | None = None) -> np.ndarray:
         num_classes = int(valid.max()) + 1 if valid.size else 0
     if valid.size and valid.max() >= num_classes:
         raise ValueError(f"label {int(valid.max())} is outside 0..{num_classes - 1} (and not {IGNORE_INDEX})")
-    lut = np.zeros((256, 3), dtype=np.uint8)
+    lut = np.zeros((IGNORE_INDEX + 1, 3), dtype=np.uint8)  # IGNORE_INDEX -> black
     lut[:num_classes] = palette(num_classes)
-    return lut[np.clip(labels, 0, 255)]
+    return lut[np.clip(labels, 0, IGNORE_INDEX)]
 
 
 def overlay(image: Any, labels: Any, alpha: float = 0.5, num_classes: int | None = None) -> np.ndarray:

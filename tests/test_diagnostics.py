@@ -1,4 +1,4 @@
-"""Label-free diagnostics: the per-batch statistics of ``generate``, their window, the health warnings, and
+"""Label-free diagnostics: the per-batch statistics of ``make_pseudo_labels``, their window, the health warnings, and
 the metric keys of a tiny training run."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from scipy import ndimage
 
 from primaps_dist.diagnostics import METRIC_KEYS, DiagnosticsWindow, HealthMonitor
 from primaps_dist.primaps import principal_masks
-from primaps_dist.pseudo_labels import ProposalStats, generate
+from primaps_dist.pseudo_labels import ProposalStats, make_pseudo_labels
 from primaps_dist.testing.primaps_reference import planted_features
 from support.demo import tiny_train_args
 from support.env import child_env
@@ -55,7 +55,7 @@ def distinct_images(batch: int, size: int) -> torch.Tensor:
     return (torch.arange(batch, dtype=torch.float32) / 10.0).view(batch, 1, 1, 1).expand(batch, 3, size, size).clone()
 
 
-def test_generate_statistics_match_independent_computation():
+def test_make_pseudo_labels_statistics_match_independent_computation():
     features = torch.cat([
         planted_features(2, channels=32, size=12, regions=3, noise=0.2, seed=1),
         torch.randn(2, 32, 12, 12, generator=torch.Generator().manual_seed(2)),  # noise: tiny proposals
@@ -73,7 +73,7 @@ def test_generate_statistics_match_independent_computation():
         shifted[:, 0, : logits.shape[2] // 2] = 1e9
         return shifted
 
-    result = generate(features, images, prototypes, threshold=0.4, max_masks=10, crf_fn=background_loving_crf,
+    result = make_pseudo_labels(features, images, prototypes, threshold=0.4, max_masks=10, crf_fn=background_loving_crf,
                       label_size=(24, 24))
     stats = result.stats
     assert isinstance(stats, ProposalStats)
@@ -89,7 +89,7 @@ def test_generate_statistics_match_independent_computation():
     # The planted maps have large proposals that mostly survive the filter; the noise maps do not.
     assert kept_cells[0] > 0.5 * raw_cells[0] and kept_cells[2] < 0.5 * raw_cells[2]
 
-    plain = generate(features, images, prototypes, threshold=0.4, max_masks=10, label_size=(24, 24)).stats
+    plain = make_pseudo_labels(features, images, prototypes, threshold=0.4, max_masks=10, label_size=(24, 24)).stats
     assert torch.equal(plain.coverage_pre_crf, plain.coverage_post_crf)
 
 
@@ -124,7 +124,7 @@ def _window_of(features: torch.Tensor, crf_fn=None, median_filter: bool = True) 
                         generator=torch.Generator().manual_seed(0))
     prototypes = F.normalize(torch.randn(4, features.shape[1], generator=torch.Generator().manual_seed(1)), dim=1)
     window = DiagnosticsWindow()
-    window.add(generate(features, images, prototypes, max_masks=32, median_filter=median_filter,
+    window.add(make_pseudo_labels(features, images, prototypes, max_masks=32, median_filter=median_filter,
                         crf_fn=crf_fn).stats)
     return window.pop()
 

@@ -63,7 +63,7 @@ def test_torchrun_variables():
     env = detect_env(TORCHRUN)
     assert (env.rank, env.world_size, env.local_rank, env.local_world_size) == (3, 8, 1, 2)
     assert (env.node_rank, env.num_nodes, env.master_addr, env.master_port) == (1, 4, "10.0.0.5", 29400)
-    assert env.launcher == "torchrun" and env.is_distributed and not env.is_main
+    assert env.launcher == "torchrun" and env.is_distributed and not env.is_master
 
 
 def test_torchrun_wins_over_slurm():

@@ -1,4 +1,4 @@
-"""Tests of pseudo-label assembly and the generate() pipeline (class prediction: test_prototypes.py)."""
+"""Tests of pseudo-label assembly and the make_pseudo_labels() pipeline (class prediction: test_prototypes.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from primaps_dist.ops import upsample_logits
 from primaps_dist.primaps import mask_logits
 from primaps_dist.prototypes import nearest_prototype_upsampled
-from primaps_dist.pseudo_labels import PseudoLabels, assemble, generate
+from primaps_dist.pseudo_labels import PseudoLabels, assemble, make_pseudo_labels
 from primaps_dist.testing.primaps_reference import planted_features
 
 
@@ -84,9 +84,9 @@ def _scene(batch=2, size=64, channels=48, seed=0):
     return features, images, prototypes
 
 
-def test_generate_without_crf_is_argmax_of_upsampled_logits():
+def test_make_pseudo_labels_without_crf_is_argmax_of_upsampled_logits():
     features, images, prototypes = _scene()
-    result = generate(features, images, prototypes, threshold=0.4, coverage=0.95, max_masks=64)
+    result = make_pseudo_labels(features, images, prototypes, threshold=0.4, coverage=0.95, max_masks=64)
     assert isinstance(result, PseudoLabels)
     assert result.labels.shape == result.mask_ids.shape == (2, 64, 64)
     assert result.labels.dtype == result.mask_ids.dtype == result.num_proposals.dtype == torch.int64
@@ -99,7 +99,7 @@ def test_generate_without_crf_is_argmax_of_upsampled_logits():
     assert (result.labels[result.labels != 255] < 4).all()
 
 
-def test_generate_calls_crf_with_label_sized_0_255_images():
+def test_make_pseudo_labels_calls_crf_with_label_sized_0_255_images():
     features, images, prototypes = _scene()
     seen = {}
 
@@ -109,7 +109,7 @@ def test_generate_calls_crf_with_label_sized_0_255_images():
         flipped[:, 0] = float("-inf")  # forbid background: every pixel goes to a proposal
         return flipped.softmax(dim=1)
 
-    result = generate(features, images, prototypes, crf_fn=fake_crf, label_size=(32, 48))
+    result = make_pseudo_labels(features, images, prototypes, crf_fn=fake_crf, label_size=(32, 48))
     logits, crf_images = seen["logits"], seen["images"]
     assert logits.shape[0] == 2 and logits.shape[-2:] == (32, 48) and logits.dtype == torch.float32
     assert crf_images.shape == (2, 3, 32, 48) and crf_images.dtype == torch.float32
@@ -119,7 +119,7 @@ def test_generate_calls_crf_with_label_sized_0_255_images():
     assert (result.mask_ids > 0).all() and (result.labels != 255).all()
 
 
-def test_generate_groups_images_by_proposal_count_without_changing_results():
+def test_make_pseudo_labels_groups_images_by_proposal_count_without_changing_results():
     features = torch.cat([
         planted_features(2, 32, 8, regions=2, noise=0.1, seed=1),
         planted_features(2, 32, 8, regions=9, noise=0.8, seed=2),
@@ -133,8 +133,8 @@ def test_generate_groups_images_by_proposal_count_without_changing_results():
         calls.append(logits.shape[:2])
         return logits.softmax(dim=1)
 
-    plain = generate(features, images, prototypes)
-    grouped = generate(features, images, prototypes, crf_fn=softmax_crf)
+    plain = make_pseudo_labels(features, images, prototypes)
+    grouped = make_pseudo_labels(features, images, prototypes, crf_fn=softmax_crf)
     assert len(set(plain.num_proposals.tolist())) > 2 and len(calls) >= 2  # several groups
     assert sum(n for n, _ in calls) == 5
     assert torch.equal(plain.mask_ids, grouped.mask_ids) and torch.equal(plain.labels, grouped.labels)
@@ -142,17 +142,17 @@ def test_generate_groups_images_by_proposal_count_without_changing_results():
         assert channels >= count + 1
 
 
-def test_generate_with_dense_crf():
+def test_make_pseudo_labels_with_dense_crf():
     crf = pytest.importorskip("primaps_dist.crf")
     features, images, prototypes = _scene(batch=2, size=48)
-    result = generate(features, images, prototypes, crf_fn=crf.dense_crf)
+    result = make_pseudo_labels(features, images, prototypes, crf_fn=crf.dense_crf)
     assert result.labels.shape == (2, 48, 48)
-    plain = generate(features, images, prototypes)
+    plain = make_pseudo_labels(features, images, prototypes)
     # The CRF refines boundaries; most pixels keep their proposal.
     assert (result.mask_ids == plain.mask_ids).float().mean() > 0.6
 
 
-def test_generate_rejects_mismatched_images():
+def test_make_pseudo_labels_rejects_mismatched_images():
     features, images, prototypes = _scene()
     with pytest.raises(ValueError, match="images"):
-        generate(features, images[:1], prototypes)
+        make_pseudo_labels(features, images[:1], prototypes)

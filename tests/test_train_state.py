@@ -125,7 +125,8 @@ def test_evaluate_refuses_an_old_checkpoint_with_exit_2(tmp_path, capsys):
     folder = save(make_state(), tmp_path / "checkpoints", payload)
     assert run_cli(evaluate.main, ["--checkpoint", str(folder)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and err.startswith(f"error: checkpoint {folder / 'checkpoint.pt'} has no schema_version")
+    assert err.count("\n") == 0
+    assert err.startswith(f"error: checkpoint {folder / 'checkpoint.pt'} has no schema_version")
 
 
 def test_check_compatible_names_the_differing_key():

@@ -34,7 +34,8 @@ from typing import Callable
 
 import numpy as np
 
-IGNORE_INDEX = 255
+from primaps_dist.labels import IGNORE_INDEX
+
 INVALID = -1  # marker in a lookup table: the raw id is not defined by the dataset
 
 CITYSCAPES_CLASS_NAMES = (

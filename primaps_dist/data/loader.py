@@ -37,7 +37,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from primaps_dist.errors import ConfigError, UserError
 
 from .shardio import ShardProblem, read_shard, resolve_shards
-from .transforms import IGNORE_INDEX, SampleError, decode_sample, eval_crop_box, train_crop_box
+from primaps_dist.labels import IGNORE_INDEX
+
+from .transforms import SampleError, decode_sample, eval_crop_box, train_crop_box
 
 log = logging.getLogger("primaps_dist.data")
 
@@ -182,7 +184,7 @@ def _check_label_ids(label: np.ndarray, num_classes: int, shard: str, key: str, 
         found = sorted(set(np.unique(label[bad]).tolist()))[:8]
         raise UserError(
             f"{shard} key {key}: label ids {found} are >= data.num_classes={num_classes} "
-            f"(and not the ignore id 255); fix {config_key} or data.num_classes"
+            f"(and not the ignore id {IGNORE_INDEX}); fix {config_key} or data.num_classes"
         )
 
 

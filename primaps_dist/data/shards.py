@@ -35,8 +35,9 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
-from primaps_dist.data.label_presets import IGNORE_INDEX, LabelPreset, generic_preset, get_preset, PRESETS
+from primaps_dist.data.label_presets import LabelPreset, generic_preset, get_preset, PRESETS
 from primaps_dist.errors import UserError, run_cli
+from primaps_dist.labels import IGNORE_INDEX
 
 KEPT_IMAGE_SUFFIXES = {".jpg": "jpg", ".jpeg": "jpg", ".png": "png"}
 REENCODED_IMAGE_SUFFIXES = (".tif", ".tiff", ".bmp", ".webp", ".ppm", ".mat")

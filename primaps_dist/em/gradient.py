@@ -51,7 +51,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from primaps_dist import distributed
-from primaps_dist.config import IGNORE_INDEX
+from primaps_dist.labels import IGNORE_INDEX
 from primaps_dist.distributed import DistEnv
 from primaps_dist.errors import UserError
 

@@ -2,7 +2,7 @@
 
 One step on every rank (ALGORITHM.md section 4):
 
-1. :func:`batch_stats` turns this rank's pixel features ``[N, C]`` and labels ``[N]`` (255 = ignore) into
+1. :func:`batch_stats` turns this rank's pixel features ``[N, C]`` and labels ``[N]`` (``IGNORE_INDEX`` = ignore) into
    one packed float64 tensor ``[K, C+1]``: columns ``0..C-1`` = ``S_k`` (sum of L2-normalised features
    with label k), column ``C`` = ``N_k`` (their count).
 2. ONE ``all_reduce(SUM)`` of that tensor (:func:`~primaps_dist.distributed.all_reduce_sum`). Sums and
@@ -41,10 +41,9 @@ import torch
 import torch.nn.functional as F
 
 from primaps_dist import distributed
-from primaps_dist.config import IGNORE_INDEX
+from primaps_dist.labels import IGNORE_INDEX
 
 __all__ = [
-    "IGNORE_INDEX",
     "StepResult",
     "PrototypeState",
     "as_pixel_rows",
@@ -274,7 +273,7 @@ def stats_step(
     """One all-reduced statistics step: batch_stats -> ONE all_reduce_sum -> :meth:`PrototypeState.update`.
 
     Every rank must call it (with its own batch, possibly without any labelled pixel) equally often.
-    ``features`` ``[N, C]``/``[B, C, H, W]``, ``labels`` ``[N]``/``[B, H, W]`` with 255 = ignore.
+    ``features`` ``[N, C]``/``[B, C, H, W]``, ``labels`` ``[N]``/``[B, H, W]`` with ``IGNORE_INDEX`` = ignore.
     """
     packed = batch_stats(features, labels, state.num_classes, ignore_index)
     distributed.all_reduce_sum(packed)

@@ -62,9 +62,9 @@ def deepspeed_resume(env, outdir: Path) -> dict:
         original.step(local(features), local(labels))
     state, writer = original.checkpoint_parts()
     folder = outdir / "zero1"
-    if env.rank == 0:
+    if env.is_master:
         folder.mkdir()
-    writer(folder if env.rank == 0 else None)
+    writer(folder if env.is_master else None)
 
     resumed = make_engine(torch.zeros(utils.K, utils.C), cfg, env)
     resumed.load_state_dict(state, checkpoint_dir=folder)
