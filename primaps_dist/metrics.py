@@ -3,6 +3,7 @@
 Convention: ``confusion[c, k]`` = number of labelled pixels of ground-truth class ``c`` predicted as
 cluster ``k`` (rows: classes, columns: clusters). Accumulate it per batch with :func:`confusion_matrix`,
 sum over the split, :func:`reduce_confusion` across ranks once, then :func:`hungarian_scores`.
+Label-free: :func:`class_usage_entropy` of the per-class pixel counts of a training step.
 """
 
 from __future__ import annotations
@@ -106,3 +107,14 @@ def hungarian_scores(confusion: torch.Tensor | np.ndarray) -> dict[str, Any]:
         "matched_confusion": matched.tolist(),
         "num_pixels": total,
     }
+
+
+def class_usage_entropy(counts: torch.Tensor) -> float:
+    """Normalised entropy (0..1) of the class-usage histogram: 1 = all K classes used equally."""
+    p = counts.double().clamp_min(0)
+    total = p.sum()
+    if total <= 0 or counts.numel() < 2:
+        return 0.0
+    p = p / total
+    entropy = -(p[p > 0] * p[p > 0].log()).sum()
+    return float(entropy / math.log(counts.numel()))

@@ -1,5 +1,5 @@
 """Process-level helpers of the command-line jobs (train, evaluate): log set-up, the stop flag that SLURM
-preemption sets, and the fault injection that the resilience tests use."""
+preemption sets, the fault injection that the resilience tests use, and the per-phase step timer."""
 
 from __future__ import annotations
 
@@ -7,7 +7,11 @@ import logging
 import os
 import signal
 import sys
+import time
+from dataclasses import dataclass, field
 from typing import Any
+
+import torch
 
 log = logging.getLogger("primaps_dist.runtime")
 
@@ -52,3 +56,22 @@ def inject_fault(step: int, rank: int) -> None:
     if step == int(at) and rank == int(who or 0):
         log.warning("fault injection: SIGKILL at step %d", step)
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass
+class StepTimer:
+    """Wall-clock seconds per phase of the current logging window."""
+
+    totals: dict[str, float] = field(default_factory=dict)
+    _last: float = field(default_factory=time.perf_counter)
+
+    def lap(self, name: str, device: torch.device) -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        now = time.perf_counter()
+        self.totals[name] = self.totals.get(name, 0.0) + now - self._last
+        self._last = now
+
+    def pop(self) -> dict[str, float]:
+        totals, self.totals = self.totals, {}
+        return totals

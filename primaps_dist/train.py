@@ -24,12 +24,11 @@ from __future__ import annotations
 import argparse
 import hashlib
 import logging
-import math
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -47,8 +46,9 @@ from primaps_dist.em.kmeans import kmeans_step
 from primaps_dist.em.stats import PrototypeState, stats_step
 from primaps_dist.errors import UserError, run_cli
 from primaps_dist.evaluate import evaluate_prototypes, write_reports
+from primaps_dist.metrics import class_usage_entropy
 from primaps_dist.pseudo_labels import make_pseudo_labels
-from primaps_dist.runtime import StopFlag, inject_fault, setup_logging
+from primaps_dist.runtime import StepTimer, StopFlag, inject_fault, setup_logging
 from primaps_dist.tracking import Tracker
 from primaps_dist.train_state import BackboneRecord, TrainState, load_train_state
 
@@ -60,42 +60,12 @@ EXIT_PREEMPTED = 3  # a stop signal arrived; a checkpoint was written; the job c
 # ------------------------------------------------------------------------------------------ small helpers
 
 
-def class_usage_entropy(counts: torch.Tensor) -> float:
-    """Normalised entropy (0..1) of the class-usage histogram: 1 = all K classes used equally."""
-    p = counts.double().clamp_min(0)
-    total = p.sum()
-    if total <= 0 or counts.numel() < 2:
-        return 0.0
-    p = p / total
-    entropy = -(p[p > 0] * p[p > 0].log()).sum()
-    return float(entropy / math.log(counts.numel()))
-
-
 def verify_identical(prototypes: torch.Tensor, step: int) -> None:
     """All-gather the exact bytes' checksum of the prototypes; raise if any rank differs (bitwise check)."""
     digest = hashlib.sha256(prototypes.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
     digests = dist.all_gather_object(digest)
     if len(set(digests)) != 1:
         raise RuntimeError(f"prototypes differ across ranks at step {step}: {digests}")
-
-
-@dataclass
-class StepTimer:
-    """Wall-clock seconds per phase of the current logging window."""
-
-    totals: dict[str, float] = field(default_factory=dict)
-    _last: float = field(default_factory=time.perf_counter)
-
-    def lap(self, name: str, device: torch.device) -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        now = time.perf_counter()
-        self.totals[name] = self.totals.get(name, 0.0) + now - self._last
-        self._last = now
-
-    def pop(self) -> dict[str, float]:
-        totals, self.totals = self.totals, {}
-        return totals
 
 
 # ------------------------------------------------------------------------------------------ the trainer
@@ -120,9 +90,28 @@ class Stages:
 
 
 class Trainer:
-    """Holds the state of one rank; :meth:`run` is the whole training loop."""
+    """Holds the state of one rank; :meth:`run` is the whole training loop.
 
-    def __init__(self, cfg: Config, env: dist.DistEnv):
+    The collaborators can be injected (tests, other front ends); each default is what the command line uses:
+
+    * ``backbone``: a frozen module ``[B, 3, H, W]`` in 0..1 -> ``[B, C, H/stride, W/stride]`` with attributes
+      ``stride`` and ``out_channels``; default ``build_backbone(cfg.backbone)``.
+    * ``loader``: an iterable of training batches, dicts with ``image`` ``[B, 3, S, S]`` float in 0..1 and,
+      from the shard loader, ``state`` (stream position, checkpointed) and ``skipped``; used as given, also
+      after a resume. Default: :func:`make_train_loader` over ``data.train_shards`` from the resumed position.
+    * ``tracker``: an object with the :class:`~primaps_dist.tracking.Tracker` methods ``start``,
+      ``log_metrics``, ``log_artifact`` and ``finish``; default an MLflow Tracker (active on the master only).
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        env: dist.DistEnv,
+        *,
+        backbone: torch.nn.Module | None = None,
+        loader: Iterable[dict[str, Any]] | None = None,
+        tracker: Any = None,
+    ):
         self.cfg = cfg
         self.env = env
         self.device = env.device  # chosen by init_distributed (handles one visible GPU per task)
@@ -132,7 +121,9 @@ class Trainer:
         self.stop = StopFlag()
         self.K = cfg.data.num_classes
 
-        self.backbone = build_backbone(cfg.backbone, self.device)
+        self.backbone = backbone if backbone is not None else build_backbone(cfg.backbone, self.device)
+        self.loader = loader
+        self.tracker = tracker
         self.C = self.backbone.out_channels
         if cfg.data.crop_size % self.backbone.stride:
             raise UserError(
@@ -314,8 +305,10 @@ class Trainer:
         if cfg.em.mode == "gradient" and self.step >= self.stages.kmeans_end:
             self._ensure_engine()
 
-        tracker = Tracker(cfg.tracking, is_main=self.env.is_master, output_dir=self.out_dir,
-                          run_id=self.mlflow_run_id)
+        tracker = self.tracker
+        if tracker is None:
+            tracker = Tracker(cfg.tracking, is_main=self.env.is_master, output_dir=self.out_dir,
+                              run_id=self.mlflow_run_id)
         self.mlflow_run_id = tracker.start(flatten(cfg.to_dict()), run_name=cfg.tracking.run_name or None)
         if self.env.is_master and self.step == 0:
             tracker.log_artifact(self.out_dir / "config.yaml")
@@ -325,14 +318,16 @@ class Trainer:
         if self.step < self.stages.pca_end:
             self.step = 0
             self.loader_state = None
-        loader = make_train_loader(
-            cfg.data,
-            rank=env.rank,
-            world_size=env.world_size,
-            seed=cfg.train.seed,
-            start_step=self.step,
-            resume_state=self.loader_state,
-        )
+        loader = self.loader
+        if loader is None:
+            loader = make_train_loader(
+                cfg.data,
+                rank=env.rank,
+                world_size=env.world_size,
+                seed=cfg.train.seed,
+                start_step=self.step,
+                resume_state=self.loader_state,
+            )
         batches = iter(loader)
         progress = _progress_bar(self.env.is_master, self.stages.total, self.step)
         timer = StepTimer()
@@ -345,7 +340,8 @@ class Trainer:
                     self._ensure_engine()
                 timer.lap("other", self.device)
                 batch = next(batches)
-                self.loader_state = collect_state(batch, self.loader_state)
+                if "state" in batch:  # an injected loader may have no stream position to checkpoint
+                    self.loader_state = collect_state(batch, self.loader_state)
                 window_skipped += int(batch.get("skipped", 0))
                 images = batch["image"].to(self.device, non_blocking=True)
                 timer.lap("data", self.device)

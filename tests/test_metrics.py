@@ -111,3 +111,13 @@ def test_reduce_confusion_single_process():
     assert distributed.collective_counts() == {"all_reduce_sum": 1}
     with pytest.raises(ValueError, match="int64"):
         reduce_confusion(torch.ones(2, 2))
+
+
+def test_class_usage_entropy():
+    from primaps_dist.metrics import class_usage_entropy
+
+    assert class_usage_entropy(torch.tensor([5, 5, 5, 5])) == pytest.approx(1.0)
+    assert class_usage_entropy(torch.tensor([0, 9, 0])) == 0.0
+    assert class_usage_entropy(torch.tensor([0, 0])) == 0.0 and class_usage_entropy(torch.tensor([4])) == 0.0
+    # p = (3/4, 1/4): H = -(0.75 ln 0.75 + 0.25 ln 0.25) / ln 2 = 0.8112781...
+    assert class_usage_entropy(torch.tensor([3, 1])) == pytest.approx(0.8112781244591328, abs=1e-12)
