@@ -1,8 +1,10 @@
 """Reference data shared by the tests (``tests/``) and the benchmarks (``bench/``).
 
 Both import from here (``from primaps_dist.testing.crf_samples import sample_batch``), so neither reaches into
-the other's folder. The modules build inputs (real photos, PriMaPs-like logits) from scratch; they do not call
-the code they are used to check, and no module of the package outside ``testing`` imports them.
+the other's folder. The modules build inputs (real photos, PriMaPs-like logits, planted feature maps) from
+scratch, and the PriMaPs oracle is written from the paper, not from the package's proposal code. The only package
+code they call is the backbone that turns photos into features (``photo_features``), which they are not used to
+check. No module of the package outside ``testing`` imports them.
 
 - :mod:`primaps_dist.testing.crf_samples`: scikit-image photos with PriMaPs-like log-probabilities, the input
   of the dense-CRF agreement tests and of ``bench/bench_crf.py``.
