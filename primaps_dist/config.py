@@ -144,7 +144,7 @@ class BackboneConfig:
 
 @dataclass
 class ProposalConfig:
-    """PriMaPs principal mask proposals (ALGORITHM.md section 2)."""
+    """PriMaPs principal mask proposals (docs/method.md, "2. Principal mask proposals")."""
 
     threshold: float = 0.4
     coverage: float = 0.95
@@ -195,7 +195,7 @@ class CRFConfig:
 
 @dataclass
 class EMConfig:
-    """The prototype update (ALGORITHM.md section 4)."""
+    """The prototype update (docs/method.md, "4. The prototype update")."""
 
     mode: str = "stats"  # stats | gradient
     momentum: float = 0.98  # stats mode: moving-average factor b of the sufficient statistics

@@ -1,4 +1,4 @@
-"""Evaluation of trained prototypes (ALGORITHM.md section 6).
+"""Evaluation of trained prototypes (docs/method.md, "7. Evaluation protocol").
 
     python -m primaps_dist.evaluate --config configs/demo.yaml --checkpoint runs/x/checkpoints/latest --out metrics.json
     torchrun --nproc_per_node=2 -m primaps_dist.evaluate ...                  # the confusion matrix is all-reduced

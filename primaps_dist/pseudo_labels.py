@@ -1,4 +1,4 @@
-"""Pseudo labels from PriMaPs proposals and class prototypes (ALGORITHM.md section 3, the E-step).
+"""Pseudo labels from PriMaPs proposals and class prototypes (docs/method.md, "3. Pseudo labels (the E-step)").
 
 ``make_pseudo_labels`` runs the whole chain for a batch: proposals (``primaps.mask_logits``) -> bilinear
 upsampling to the label size -> optional dense CRF -> ``argmax`` (mask id per pixel, 0 = background)

@@ -24,7 +24,7 @@ def _single_thread():
 
 
 def brute_force_assemble(mask_ids, class_pred, num_classes, ignore_index=255):
-    """Per image, per proposal in id order, only unlabelled pixels (ALGORITHM.md section 3)."""
+    """Per image, per proposal in id order, only unlabelled pixels (docs/method.md, "3. Pseudo labels")."""
     out = torch.full_like(mask_ids, ignore_index)
     for b in range(mask_ids.shape[0]):
         for proposal in sorted(set(mask_ids[b].unique().tolist()) - {0}):

@@ -1,6 +1,6 @@
 """All-reduced sufficient statistics: the `stats` M-step of PriMaPs-EM and of spherical K-means.
 
-One step on every rank (ALGORITHM.md section 4):
+One step on every rank (docs/method.md, "4. The prototype update"):
 
 1. :func:`batch_stats` turns this rank's pixel features ``[N, C]`` and labels ``[N]`` (``IGNORE_INDEX`` = ignore) into
    one packed float64 tensor ``[K, C+1]``: columns ``0..C-1`` = ``S_k`` (sum of L2-normalised features

@@ -50,7 +50,7 @@ def _median3(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def postprocess_masks(masks: torch.Tensor, counts: torch.Tensor, median_filter: bool = True) -> torch.Tensor:
-    """Turn soft proposals into pre-CRF log-probabilities (ALGORITHM.md section 2, post-processing).
+    """Turn soft proposals into pre-CRF log-probabilities (docs/method.md, "2. Principal mask proposals").
 
     Args:
         masks: [B, M, h, w] float soft proposals in [0, 1] (channels ``>= counts[b]`` are ignored).
