@@ -165,10 +165,8 @@ class CRFConfig:
 
     ``downsample`` (torch backend only; pydensecrf always works at full resolution) runs all but the
     last mean-field update of the pseudo-label CRF on a grid that many times coarser per side; 1 runs
-    every update at full resolution like the reference. The default 4 costs about 1/6 of pydensecrf
-    at 320x320 and keeps pseudo-label generation at about 17 % of a ViT-S/8 forward on CPU; its argmax
-    agrees with pydensecrf on ~96 % of pixels (2: ~98 %, 1: 99.95 %; the unary alone 93 %), and
-    PriMaPs-EM quality on the demo was unchanged within seed noise (docs/quality.md). Aim for a grid
+    every update at full resolution like the reference. The trade-off (speed against agreement with
+    pydensecrf, and quality) is measured in README, "Results", and docs/quality.md. Aim for a grid
     about twice the feature grid (320 px pseudo labels, stride 8: 4). ``eval.crf`` has its own factor.
     """
 
