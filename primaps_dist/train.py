@@ -307,7 +307,7 @@ class Trainer:
 
         tracker = self.tracker
         if tracker is None:
-            tracker = Tracker(cfg.tracking, is_main=self.env.is_master, output_dir=self.out_dir,
+            tracker = Tracker(cfg.tracking, is_master=self.env.is_master, output_dir=self.out_dir,
                               run_id=self.mlflow_run_id)
         self.mlflow_run_id = tracker.start(flatten(cfg.to_dict()), run_name=cfg.tracking.run_name or None)
         if self.env.is_master and self.step == 0:

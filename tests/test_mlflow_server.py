@@ -51,7 +51,7 @@ def test_server_late_then_killed_then_restarted(tmp_path, caplog):
     out = tmp_path / "run"
     cfg = Config()
     tracker = Tracker(TrackingConfig(tracking_uri=uri, experiment=experiment, system_metrics=False),
-                      is_main=True, output_dir=out, retry_initial_s=0.5, retry_max_s=2.0, finish_timeout_s=60,
+                      is_master=True, output_dir=out, retry_initial_s=0.5, retry_max_s=2.0, finish_timeout_s=60,
                       flush_interval_s=0)
 
     # 1. server down at start: training goes on, one warning, everything spooled

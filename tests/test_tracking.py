@@ -100,7 +100,7 @@ class FlakyClient:
 def test_params_metrics_artifacts_on_sqlite(store, experiment, tmp_path):
     cfg = Config()
     cfg.train.output_dir = "x" * (MAX_PARAM_VALUE_LENGTH + 50)  # longer than MLflow's param limit
-    tracker = Tracker(tracking_cfg(store, experiment), is_main=True, output_dir=tmp_path)
+    tracker = Tracker(tracking_cfg(store, experiment), is_master=True, output_dir=tmp_path)
     run_id = tracker.start(flatten(cfg.to_dict()), run_name="unit")
     assert run_id and not run_id.startswith("local-")
     for step in range(25):
@@ -131,13 +131,13 @@ def test_params_metrics_artifacts_on_sqlite(store, experiment, tmp_path):
 
 def test_resume_continues_the_same_run(store, experiment, tmp_path):
     cfg = Config()
-    first = Tracker(tracking_cfg(store, experiment), is_main=True, output_dir=tmp_path)
+    first = Tracker(tracking_cfg(store, experiment), is_master=True, output_dir=tmp_path)
     run_id = first.start(flatten(cfg.to_dict()))
     for step in range(5):
         first.log_metrics({"loss": float(step)}, step)
     # the process dies without finish(); torchrun restarts it with the id from the checkpoint
     cfg.train.em_steps = 2000  # a changed setting cannot overwrite an MLflow param
-    second = Tracker(tracking_cfg(store, experiment), is_main=True, output_dir=tmp_path, run_id=run_id)
+    second = Tracker(tracking_cfg(store, experiment), is_master=True, output_dir=tmp_path, run_id=run_id)
     assert second.start(flatten(cfg.to_dict())) == run_id
     for step in range(5, 10):
         second.log_metrics({"loss": float(step)}, step)
@@ -149,7 +149,7 @@ def test_resume_continues_the_same_run(store, experiment, tmp_path):
     assert run.data.tags["resume_changed_params"] == "train.em_steps=2000"
 
     # a finished run can be resumed too (status back to RUNNING, then the new final status)
-    third = Tracker(tracking_cfg(store, experiment), is_main=True, output_dir=tmp_path, run_id=run_id)
+    third = Tracker(tracking_cfg(store, experiment), is_master=True, output_dir=tmp_path, run_id=run_id)
     third.start(flatten(cfg.to_dict()))
     assert MlflowClient(store).get_run(run_id).info.status == "RUNNING"
     third.finish("KILLED")
@@ -157,7 +157,7 @@ def test_resume_continues_the_same_run(store, experiment, tmp_path):
 
 
 def test_resume_of_unknown_run_starts_a_new_one(store, experiment, tmp_path, caplog):
-    tracker = Tracker(tracking_cfg(store, experiment), is_main=True, output_dir=tmp_path, run_id="0" * 32)
+    tracker = Tracker(tracking_cfg(store, experiment), is_master=True, output_dir=tmp_path, run_id="0" * 32)
     run_id = tracker.start({"a": 1})
     tracker.finish()
     (run,) = runs_of(store, experiment)
@@ -167,8 +167,8 @@ def test_resume_of_unknown_run_starts_a_new_one(store, experiment, tmp_path, cap
 
 def test_non_main_ranks_and_disabled_tracking_do_nothing(store, experiment, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "nonsense://x")  # would be an error if anything looked at it
-    for tracker in (Tracker(tracking_cfg(store, experiment), is_main=False, output_dir=tmp_path, run_id="abc"),
-                    Tracker(TrackingConfig(enabled=False), is_main=True, output_dir=tmp_path)):
+    for tracker in (Tracker(tracking_cfg(store, experiment), is_master=False, output_dir=tmp_path, run_id="abc"),
+                    Tracker(TrackingConfig(enabled=False), is_master=True, output_dir=tmp_path)):
         run_id = tracker.start({"a": 1})
         tracker.log_metrics({"loss": 1.0}, 0)
         tracker.log_artifact(tmp_path)
@@ -187,17 +187,17 @@ def test_tracking_uri_resolution(monkeypatch, tmp_path):
     assert resolve_tracking_uri("sqlite:////tmp/x.db") == "sqlite:////tmp/x.db"
     assert resolve_tracking_uri("postgresql+psycopg2://u@h/db").startswith("postgresql")
     with pytest.raises(ConfigError, match=r"^config key 'tracking.tracking_uri': unsupported URI scheme 'htp'"):
-        Tracker(TrackingConfig(tracking_uri="htp://127.0.0.1:5000"), is_main=True, output_dir=tmp_path)
+        Tracker(TrackingConfig(tracking_uri="htp://127.0.0.1:5000"), is_master=True, output_dir=tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "s3://bucket")
     with pytest.raises(ConfigError, match=r"tracking.tracking_uri \(from \$MLFLOW_TRACKING_URI\)"):
-        Tracker(TrackingConfig(), is_main=True, output_dir=tmp_path)
+        Tracker(TrackingConfig(), is_master=True, output_dir=tmp_path)
 
 
 def test_http_timeouts_are_made_short_but_user_values_win(monkeypatch, tmp_path):
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", raising=False)
     monkeypatch.delenv("MLFLOW_HTTP_REQUEST_TIMEOUT", raising=False)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "3")
-    Tracker(tracking_cfg(dead_uri(), "x"), is_main=True, output_dir=tmp_path)
+    Tracker(tracking_cfg(dead_uri(), "x"), is_master=True, output_dir=tmp_path)
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "1"
     assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "10"
     assert os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] == "3"
@@ -206,7 +206,7 @@ def test_http_timeouts_are_made_short_but_user_values_win(monkeypatch, tmp_path)
 def test_config_params_and_name_checks(tmp_path, store, experiment):
     params = config_params({"a": {"b": [1, 2], "c": "x" * 7000}, "d": None})
     assert params == {"a.b": "[1, 2]", "a.c": "x" * (MAX_PARAM_VALUE_LENGTH - 3) + "...", "d": "None"}
-    tracker = Tracker(tracking_cfg(store, experiment), is_main=True, output_dir=tmp_path)
+    tracker = Tracker(tracking_cfg(store, experiment), is_master=True, output_dir=tmp_path)
     tracker.start({})
     with pytest.raises(ValueError, match="invalid MLflow metric name 'bad|name'"):
         tracker.log_metrics({"bad|name": 1.0}, 0)
@@ -216,7 +216,7 @@ def test_config_params_and_name_checks(tmp_path, store, experiment):
 
 
 def test_refused_record_does_not_block_the_rest(store, experiment, tmp_path, caplog):
-    tracker = Tracker(tracking_cfg(store, experiment), is_main=True, output_dir=tmp_path)
+    tracker = Tracker(tracking_cfg(store, experiment), is_master=True, output_dir=tmp_path)
     run_id = tracker.start({"lr": 0.1})
     tracker.log_params({"lr": 0.2})  # MLflow refuses changing a param
     tracker.log_params({"lr": 0.3})
@@ -229,7 +229,7 @@ def test_refused_record_does_not_block_the_rest(store, experiment, tmp_path, cap
 
 
 def test_system_metrics_are_logged_when_enabled(store, experiment, tmp_path):
-    tracker = Tracker(tracking_cfg(store, experiment, system_metrics=True), is_main=True, output_dir=tmp_path,
+    tracker = Tracker(tracking_cfg(store, experiment, system_metrics=True), is_master=True, output_dir=tmp_path,
                       system_metrics_interval_s=0.05)
     run_id = tracker.start({})
     time.sleep(0.5)
@@ -247,7 +247,7 @@ def test_system_metrics_are_logged_when_enabled(store, experiment, tmp_path):
 
 def test_server_down_at_start_one_warning_then_replay(store, experiment, tmp_path, caplog, capfd):
     uri = dead_uri()
-    tracker = Tracker(tracking_cfg(uri, experiment), is_main=True, output_dir=tmp_path,
+    tracker = Tracker(tracking_cfg(uri, experiment), is_master=True, output_dir=tmp_path,
                       retry_initial_s=3600, finish_timeout_s=0)
     attempts = []
     deliver = tracker._delivery.deliver
@@ -289,14 +289,14 @@ def test_server_down_at_start_one_warning_then_replay(store, experiment, tmp_pat
         replay_spool(tmp_path, store)
 
     # a checkpoint that stored the local key resumes the real run
-    resumed = Tracker(tracking_cfg(store, experiment), is_main=True, output_dir=tmp_path, run_id=run_id)
+    resumed = Tracker(tracking_cfg(store, experiment), is_master=True, output_dir=tmp_path, run_id=run_id)
     assert resumed.start({}) == run.info.run_id
     resumed.finish()
     assert len(runs_of(store, experiment)) == 1
 
 
 def test_outage_mid_run_recovers_with_everything_in_order(store, experiment, tmp_path, caplog):
-    tracker = Tracker(tracking_cfg(store, experiment), is_main=True, output_dir=tmp_path,
+    tracker = Tracker(tracking_cfg(store, experiment), is_master=True, output_dir=tmp_path,
                       retry_initial_s=0.0, finish_timeout_s=0, flush_interval_s=0)
     run_id = tracker.start({"a": 1})
     flaky = FlakyClient(tracker._delivery.client)
@@ -323,7 +323,7 @@ def test_outage_mid_run_recovers_with_everything_in_order(store, experiment, tmp
 
 
 def test_backoff_limits_attempts_while_down(store, experiment, tmp_path):
-    tracker = Tracker(tracking_cfg(store, experiment), is_main=True, output_dir=tmp_path,
+    tracker = Tracker(tracking_cfg(store, experiment), is_master=True, output_dir=tmp_path,
                       retry_initial_s=0.02, retry_max_s=0.08, finish_timeout_s=0, flush_interval_s=0)
     tracker.start({})
     flaky = FlakyClient(tracker._delivery.client)
@@ -343,12 +343,12 @@ def test_backoff_limits_attempts_while_down(store, experiment, tmp_path):
 
 def test_restart_while_offline_keeps_one_run(store, experiment, tmp_path):
     """Process A starts while MLflow is down and dies; B resumes from A's checkpoint key once it is up."""
-    a = Tracker(tracking_cfg(dead_uri(), experiment), is_main=True, output_dir=tmp_path, retry_initial_s=3600)
+    a = Tracker(tracking_cfg(dead_uri(), experiment), is_master=True, output_dir=tmp_path, retry_initial_s=3600)
     key = a.start({"a": 1})
     for step in range(3):
         a.log_metrics({"loss": float(step)}, step)
     # A is killed: no finish(). Its spool is on disk.
-    b = Tracker(tracking_cfg(store, experiment), is_main=True, output_dir=tmp_path, run_id=key)
+    b = Tracker(tracking_cfg(store, experiment), is_master=True, output_dir=tmp_path, run_id=key)
     real_id = b.start({"a": 1})
     for step in range(3, 6):
         b.log_metrics({"loss": float(step)}, step)
@@ -359,14 +359,14 @@ def test_restart_while_offline_keeps_one_run(store, experiment, tmp_path):
 
 def test_metrics_are_batched_and_a_crash_loses_none(store, experiment, tmp_path):
     """Metrics wait in the journal for the next flush; a process killed before it leaves them for the next start."""
-    a = Tracker(tracking_cfg(store, experiment), is_main=True, output_dir=tmp_path, flush_interval_s=3600)
+    a = Tracker(tracking_cfg(store, experiment), is_master=True, output_dir=tmp_path, flush_interval_s=3600)
     run_id = a.start({})
     for step in range(5):
         a.log_metrics({"loss": float(step)}, step)
     assert history(store, run_id, "loss") == []  # not sent yet: one batch per flush interval
     assert len((tmp_path / SPOOL_NAME).read_text().splitlines()) == 5
     # killed here; the restarted process resumes the run and sends the journal first
-    b = Tracker(tracking_cfg(store, experiment), is_main=True, output_dir=tmp_path, run_id=run_id)
+    b = Tracker(tracking_cfg(store, experiment), is_master=True, output_dir=tmp_path, run_id=run_id)
     b.start({})
     assert history(store, run_id, "loss") == [(s, float(s)) for s in range(5)]
     assert not (tmp_path / SPOOL_NAME).exists()
@@ -374,7 +374,7 @@ def test_metrics_are_batched_and_a_crash_loses_none(store, experiment, tmp_path)
 
 
 def test_unwritable_spool_does_not_block_delivery(store, experiment, tmp_path, caplog, monkeypatch):
-    tracker = Tracker(tracking_cfg(store, experiment), is_main=True, output_dir=tmp_path, flush_interval_s=0)
+    tracker = Tracker(tracking_cfg(store, experiment), is_master=True, output_dir=tmp_path, flush_interval_s=0)
     run_id = tracker.start({})
 
     def disk_full(records):
@@ -389,7 +389,7 @@ def test_unwritable_spool_does_not_block_delivery(store, experiment, tmp_path, c
 
 
 def test_torn_spool_line_is_skipped(store, experiment, tmp_path, caplog):
-    a = Tracker(tracking_cfg(dead_uri(), experiment), is_main=True, output_dir=tmp_path, retry_initial_s=3600)
+    a = Tracker(tracking_cfg(dead_uri(), experiment), is_master=True, output_dir=tmp_path, retry_initial_s=3600)
     a.start({})
     a.log_metrics({"loss": 1.0}, 0)
     with open(tmp_path / SPOOL_NAME, "a") as handle:

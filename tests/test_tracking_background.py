@@ -136,10 +136,10 @@ def training_steps(tracker: Tracker) -> list[float]:
 
 @pytest.mark.slow  # about 30 s: six requests of 5 s each must arrive before the end
 def test_a_server_answering_after_5_s_does_not_change_step_times(tmp_path):
-    baseline = training_steps(Tracker(TrackingConfig(enabled=False), is_main=True, output_dir=tmp_path / "off"))
+    baseline = training_steps(Tracker(TrackingConfig(enabled=False), is_master=True, output_dir=tmp_path / "off"))
     with SlowMlflowStub(delay_s=SERVER_DELAY_S, experiments=("slow",)) as stub:
         cfg = TrackingConfig(tracking_uri=stub.uri, experiment="slow", system_metrics=False)
-        tracker = Tracker(cfg, is_main=True, output_dir=tmp_path / "run", start_timeout_s=0.5,
+        tracker = Tracker(cfg, is_master=True, output_dir=tmp_path / "run", start_timeout_s=0.5,
                           flush_interval_s=0, finish_timeout_s=60)
         begin = time.perf_counter()
         local_key = tracker.start({"lr": 0.1, "batch": 8}, run_name="slow-server")
@@ -176,7 +176,7 @@ CHILD = textwrap.dedent("""
     from primaps_dist.tracking import Tracker
 
     uri, out = sys.argv[1], sys.argv[2]
-    tracker = Tracker(TrackingConfig(tracking_uri=uri, experiment="silent", system_metrics=False), is_main=True,
+    tracker = Tracker(TrackingConfig(tracking_uri=uri, experiment="silent", system_metrics=False), is_master=True,
                       output_dir=out, start_timeout_s=0.5, finish_timeout_s=1.0, flush_interval_s=0)
     tracker.start({"lr": 0.1}, run_name="silent-server")
     steps = []

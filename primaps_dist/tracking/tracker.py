@@ -38,11 +38,11 @@ from primaps_dist.tracking.system_metrics import SystemMetricsSampler
 
 
 class Tracker:
-    """MLflow tracking for one training run; a no-op unless ``is_main`` and ``cfg.enabled``.
+    """MLflow tracking for one training run; a no-op unless ``is_master`` and ``cfg.enabled``.
 
     Args:
         cfg: the ``tracking`` section of the config.
-        is_main: True on global rank 0 only.
+        is_master: True on global rank 0 only.
         output_dir: the run's output directory (holds the journal and the run-key map).
         run_id: an MLflow run id (or a ``local-...`` key) from a checkpoint: :meth:`start` resumes that
             run instead of creating one (a torchrun elastic restart continues the same MLflow run).
@@ -62,7 +62,7 @@ class Tracker:
         self,
         cfg: TrackingConfig,
         *,
-        is_main: bool,
+        is_master: bool,
         output_dir: str | os.PathLike,
         run_id: str | None = None,
         retry_initial_s: float = 2.0,
@@ -73,7 +73,7 @@ class Tracker:
         system_metrics_interval_s: float = 10.0,
     ):
         self.cfg = cfg
-        self.active = bool(cfg.enabled and is_main)
+        self.active = bool(cfg.enabled and is_master)
         self._requested_run_id = run_id or None
         self._key: str | None = None
         self._started = False
