@@ -1,10 +1,11 @@
-"""Smoke tests of the CRF and pseudo-label benchmarks (tiny sizes): they run as ``make bench`` runs them, as
+"""Smoke tests of the PriMaPs, CRF and pseudo-label benchmarks (tiny sizes): they run as ``make bench`` runs them, as
 scripts in their own process, and print their ratios. (Tests never import ``bench/``; what the two share
 lives in ``primaps_dist.testing``.)"""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 
 import pytest
@@ -34,3 +35,12 @@ def test_bench_pseudo_labels_prints_the_share_of_the_forward(tmp_path):
                  tmp_path=tmp_path)
     assert "downsample 2" in out
     assert re.search(r"pseudo labels / backbone forward \(CPU time\): \d+\.\d % \(target <= 25 %\)", out), out
+
+
+def test_bench_primaps_prints_ratio_and_agreement_with_the_published_loop(tmp_path):
+    out = _bench("bench_primaps", "--batch", "3", "--channels", "24", "--size", "12", "--regions", "4",
+                 "--ref-images", "2", "--repeats", "1", "--skip-memory", tmp_path=tmp_path)
+    assert re.search(r"throughput ratio \(reference / ours, per image, CPU time\): \d+\.\dx", out), out
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert set(summary) >= {"ratio_cpu", "ari_mean", "ari_mean_reproducible", "counts_equal"}
+    assert summary["ari_mean"] > 0.9 and summary["counts_equal"] == 1.0, summary
