@@ -1,4 +1,56 @@
-"""The `gradient` M-step (the paper's implementation), split by job; see :mod:`.engine`."""
+"""The `gradient` M-step (the paper's implementation): running prototypes trained by Adam, momentum copy.
 
-from primaps_dist.em.gradient.engine import *  # noqa: F401,F403
-from primaps_dist.em.gradient.engine import __all__, _gaussian_blur, load_deepspeed_config  # noqa: F401
+One module per job; every public name is re-exported here, so ``from primaps_dist.em.gradient import ...``
+works as before the split:
+
+* :mod:`.head`: theta_R, the weight-normalised head (:class:`PrototypeHead`), and the focal class-weighted
+  cross entropy (:func:`focal_class_weighted_ce`, :func:`focal_class_weights`, :func:`global_focal_loss`).
+* :mod:`.momentum`: theta_M, the EMA of the head's directions that makes the pseudo labels
+  (:class:`MomentumPrototypes`).
+* :mod:`.photometric`: the student's view (:func:`photometric_view`, :class:`PhotometricParams`).
+* :mod:`.engines`: the head behind DDP or DeepSpeed, one small interface (:class:`HeadEngine`,
+  :func:`make_head_engine`, :func:`load_deepspeed_config`).
+* :mod:`.checkpointing`: the engine's state to and from ``TrainState.gradient_state`` (and DeepSpeed's shard
+  folder).
+* :mod:`.engine`: :class:`GradientEngine` (:func:`make_engine`), one training step of theta_R then theta_M,
+  and its :func:`step_metrics`.
+"""
+
+from primaps_dist.em.gradient.checkpointing import ShardedWriter, gradient_state, restore_gradient_state
+from primaps_dist.em.gradient.engine import GradientEngine, make_engine, step_metrics
+from primaps_dist.em.gradient.engines import (
+    DDPEngine,
+    DeepSpeedEngine,
+    HeadEngine,
+    load_deepspeed_config,
+    make_head_engine,
+)
+from primaps_dist.em.gradient.head import (
+    PrototypeHead,
+    focal_class_weighted_ce,
+    focal_class_weights,
+    global_focal_loss,
+)
+from primaps_dist.em.gradient.momentum import MomentumPrototypes
+from primaps_dist.em.gradient.photometric import PhotometricParams, _gaussian_blur, photometric_view  # noqa: F401
+
+__all__ = [
+    "PrototypeHead",
+    "MomentumPrototypes",
+    "PhotometricParams",
+    "photometric_view",
+    "focal_class_weights",
+    "focal_class_weighted_ce",
+    "global_focal_loss",
+    "HeadEngine",
+    "DDPEngine",
+    "DeepSpeedEngine",
+    "load_deepspeed_config",
+    "make_head_engine",
+    "GradientEngine",
+    "make_engine",
+    "step_metrics",
+    "ShardedWriter",
+    "gradient_state",
+    "restore_gradient_state",
+]
