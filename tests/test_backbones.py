@@ -419,13 +419,36 @@ def test_input_checks(lite0):
         lite0(torch.rand(1, 1, 32, 32))
 
 
-def test_config_validation_agrees_with_built_strides():
-    for name, preset in PRESETS.items():
-        cfg = Config()
-        cfg.backbone.name = name
-        cfg.data.crop_size = 322 if preset.stride == 14 else 320
-        cfg.validate()
-        assert cfg.backbone.preset_stride() == preset.stride
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_config_validation_agrees_with_built_strides(name):
+    """Validation knows a preset's stride before any model exists; the model built from it (random weights,
+    offline) has that stride, and the crops validation accepts or rejects the built model accepts or rejects."""
+    preset = PRESETS[name]
+    cfg = Config()
+    cfg.backbone.name = name
+    cfg.backbone.weights = "random"
+    extractor = build_backbone(cfg.backbone, "cpu")
+    assert extractor.stride == preset.stride
+    assert cfg.backbone.preset_stride() == extractor.stride
+
+    training_crop = 322 if preset.stride == 14 else 320
+    for crop, valid in ((training_crop, True), (training_crop + 2, False), (4 * preset.stride, True)):
+        cfg.data.crop_size = crop
+        if valid:
+            cfg.validate()
+            check_input_size(extractor, crop)
+        else:
+            with pytest.raises(ConfigError, match="data.crop_size"):
+                cfg.validate()
+            with pytest.raises(ConfigError, match="data.crop_size"):
+                check_input_size(extractor, crop)
+
+    # One forward pass on a small crop (4 x stride: fast for the ViT-B presets on CPU), not square so that
+    # swapped axes show: a [crop, crop + stride] image gives [crop / stride, crop / stride + 1] features.
+    crop = 4 * preset.stride
+    with torch.no_grad():
+        features = extractor(torch.rand(1, 3, crop, crop + preset.stride))
+    assert features.shape == (1, preset.channels, crop // preset.stride, crop // preset.stride + 1)
 
 
 def test_autocast_dtype_choice():
