@@ -22,6 +22,10 @@ Ranks: :func:`save_checkpoint` is the one save path. One process is world size 1
 rank calls it (every rank reaches every collective, a failure anywhere raises on all ranks) and rank 0 writes.
 What a payload holds is :class:`primaps_dist.train_state.TrainState`'s business; this module only needs
 ``prototypes``, ``step`` and ``config``.
+
+The module stays whole (~420 lines) on purpose: the folder layout, the collective atomic save and the loader
+are one on-disk protocol (the ``COMPLETE`` marker, the ``.tmp-``/``.old-`` folders and the ``latest`` pointer
+that the save writes are what :func:`find_latest` and :func:`load_checkpoint` read), best read in one place.
 """
 
 from __future__ import annotations

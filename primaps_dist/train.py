@@ -17,6 +17,10 @@ features (each normalises once, in float64).
 Checkpoints (rank 0, atomic) hold a :class:`~primaps_dist.train_state.TrainState`, everything needed to continue
 bit for bit: prototypes and EM state, head/optimizer state, each rank's data-stream position and student-view
 generator, and the MLflow run id.
+
+The module stays whole (~450 lines): nearly all of it is :class:`Trainer`, one class whose methods are the
+stages of a step, its checkpoint and resume; the helpers it used to carry live in runtime.py, train_state.py,
+checkpoint.py and em/.
 """
 
 from __future__ import annotations

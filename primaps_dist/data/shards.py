@@ -10,6 +10,10 @@ Nothing is dropped silently: a missing or ambiguous partner, an unreadable or un
 of another size than its image, or label ids outside the class range give one line on stderr naming the
 file, are counted by reason, and the counts go into the summary and ``index.json``.
 
+The module stays whole for now (~490 lines): discovery, encoding and writing are the three stages of the one
+``make-shards`` command (reading and validating shards is :mod:`primaps_dist.data.shardio`'s job), and the
+module is about to be rewritten for remote streaming.
+
 Example::
 
     primaps-dist make-shards --images cityscapes/leftImg8bit/train --labels cityscapes/gtFine/train \\
