@@ -18,6 +18,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TIMM_USE_OLD_CACHE", "0")
@@ -74,3 +75,22 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     terminalreporter.section("not run on this machine", sep="=", yellow=True, bold=True)
     for reason, count in reasons.most_common():
         terminalreporter.line(f"{count:3d} skipped: {reason}")
+
+
+def _with_threads(count: int):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def single_thread():
+    """One torch thread for the test (results independent of the thread count), restored after."""
+    yield from _with_threads(1)
+
+
+@pytest.fixture
+def two_threads():
+    """Two torch threads for the test (this project's CI machine has two cores), restored after."""
+    yield from _with_threads(2)

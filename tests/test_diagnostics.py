@@ -21,12 +21,7 @@ from support.env import child_env
 from support.run import module_command, run_command
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def reference_grid_cells(features: torch.Tensor, threshold: float, max_masks: int) -> tuple[list[int], list[int]]:

@@ -24,12 +24,7 @@ from primaps_dist.testing.primaps_reference import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _agreement(features: torch.Tensor, seeds: tuple[int, ...] = (0, 1, 2), **kwargs) -> OracleAgreement:

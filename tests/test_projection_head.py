@@ -21,12 +21,7 @@ from support.env import REPO, child_env
 from support.run import assert_one_line_error, module_command, run_command
 
 
-@pytest.fixture(autouse=True)
-def _few_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("two_threads")
 
 
 def random_head_tensors(channels: int, out: int, hidden: int, seed: int = 0) -> dict[str, torch.Tensor]:

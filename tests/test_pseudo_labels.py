@@ -15,12 +15,7 @@ from primaps_dist.pseudo_labels import PseudoLabels, assemble, make_pseudo_label
 from primaps_dist.testing.primaps_reference import planted_features
 
 
-@pytest.fixture(autouse=True)
-def _single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def brute_force_assemble(mask_ids, class_pred, num_classes, ignore_index=255):
