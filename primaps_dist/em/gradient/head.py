@@ -4,9 +4,8 @@
   UN-normalised features ``f``: ``logit_k = gain_k * <weight_k / ||weight_k||, f>
   = gain_k * ||f|| * cos(weight_k, f)``. ``weight`` ``[K, C]`` is weight norm's direction ``v`` and
   ``gain`` ``[K]`` its ``g``; both are trained; the gain starts at 1 (the reference sets ``weight_g = 1``
-  after its PCA / K-means initialisation). The feature norm is the logit scale: mean ~70 (5-95 % of
-  positions: 50-100) for the demo's EfficientNet-Lite0 layers [2, 3], on both generated sets; it depends
-  on the backbone. The softmax is then peaked and the focal weights ``(1 - p_k)^2`` differ between
+  after its PCA / K-means initialisation). The feature norm is the logit scale, so it depends on the
+  backbone (measured values: docs/method.md, "The head's logit scale"). The softmax is then peaked and the focal weights ``(1 - p_k)^2`` differ between
   frequent and rare classes. (A cosine head, ``|logit| <= 1``, gives every class a probability near 1/K
   and weights near ``(1 - 1/K)^2`` for all: no focal weighting.) The head is linear in ``f``, so logits
   at feature resolution upsampled bilinearly equal the reference's logits of upsampled features exactly.
