@@ -31,7 +31,8 @@ Per image and round (all images of the batch at once):
    round adds no proposal (the reference would add an all-zero / NaN mask).
 
 Modules: ``eigen`` (the solver of step 1), ``orientation`` (step 2's sign), ``rounds`` (the loop,
-steps 2-6), ``postprocess`` (median filter, background channel, log-probabilities).
+steps 2-6), ``postprocess`` (median filter, background channel, log-probabilities), ``rows`` (row
+bookkeeping).
 
 Images that are done keep their state while the others continue; finished images leave the working
 batch and covered positions leave the stored features (both geometrically), so they stop costing

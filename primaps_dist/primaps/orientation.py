@@ -10,18 +10,9 @@ import torch
 if TYPE_CHECKING:
     from primaps_dist.primaps.rounds import WorkingSet
 
-__all__ = ["compact_order", "reference_orientation"]
+from primaps_dist.primaps.rows import compact_order
 
-
-def compact_order(free: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stored rows of the free positions, in row-major order, moved to the front.
-
-    free [b, Q] bool -> (order [b, width] int64 row indices, valid [b, width] bool); entries past an
-    image's free count are padding (``valid`` False).
-    """
-    order = torch.sort(free.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :width]
-    valid = torch.arange(width, device=free.device)[None, :] < free.sum(dim=1, keepdim=True)
-    return order, valid
+__all__ = ["reference_orientation"]
 
 
 def reference_orientation(
@@ -65,9 +56,10 @@ def reference_orientation(
     # Per image one [C, q] matrix M: E for tall images, Q = qr(E).Q for wide ones; one pass over the
     # stored features then gives A M at every row (covered rows are dropped by the gather below).
     rows = top3[:, :rank].contiguous()  # E^T [b, q, C]
-    wide_q = torch.linalg.qr(rows[wide_rows.to(device)].transpose(1, 2).cpu()).Q  # [w, C, q], Householder on the CPU
     if wide_rows.numel():
-        rows[wide_rows.to(device)] = wide_q.transpose(1, 2).to(device)
+        wide_index = wide_rows.to(device)
+        wide_q = torch.linalg.qr(rows[wide_index].transpose(1, 2).cpu()).Q  # [w, C, q], Householder on the CPU
+        rows[wide_index] = wide_q.transpose(1, 2).to(device)
     free_count = state.free_count.clamp(min=1).to(torch.float32)
     free_mean = state.free_sum / free_count[:, None]  # [b, C]
     # [b, Q+1, C] @ (a transposed view of [b, 1+q, C]) takes a GEMM path several times faster on
@@ -77,7 +69,7 @@ def reference_orientation(
     if width < 1:
         return signs.to(device), direction_dots
     projected = products[:, :, 1:] - (rows @ free_mean.unsqueeze(2)).transpose(1, 2)
-    order, valid = compact_order(state.free, width)
+    order, valid = compact_order(state.free, state.free_count, width)
     compact = projected.gather(1, order.unsqueeze(2).expand(-1, -1, rank)) * valid.unsqueeze(2)
     compact = compact.cpu()  # [b, width, q]: A M, free rows in row-major order, zero padding after them
     cpu_direction = direction.cpu()

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from primaps_dist.primaps.eigen import BLOCK, gram, start_basis, top_direction
 from primaps_dist.primaps.orientation import reference_orientation
+from primaps_dist.primaps.rows import compact_order, take_rows
 
 __all__ = ["WorkingSet", "principal_masks", "proposal_maps"]
 
@@ -30,18 +31,12 @@ def _validate(features: torch.Tensor, threshold: float, coverage: float, max_mas
     if isinstance(max_masks, bool) or int(max_masks) != max_masks or max_masks < 1:
         raise ValueError(f"max_masks must be a positive integer, got {max_masks}")
 
+
 def _first_index_of_max(values: torch.Tensor) -> torch.Tensor:
     """Index of the first maximum along dim 1 (explicit, so ties never depend on the backend)."""
     peak = values.amax(dim=1, keepdim=True)
     positions = torch.arange(values.shape[1], device=values.device).expand_as(values)
     return torch.where(values == peak, positions, values.shape[1]).amin(dim=1)
-
-
-def _take_rows(points: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """``points[i, index[i]]`` for every image: points [b, Q, C], index [b, w] -> [b, w, C]."""
-    batch, stored, channels = points.shape
-    flat = index + stored * torch.arange(batch, device=index.device)[:, None]
-    return points.reshape(batch * stored, channels).index_select(0, flat.reshape(-1)).reshape(batch, -1, channels)
 
 
 class WorkingSet:
@@ -107,9 +102,9 @@ class WorkingSet:
         width = int(self.free_count.max())
         if width == 0 or width > self.zero_row // 2:
             return
-        order = torch.sort(self.free.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :width]
+        order, _ = compact_order(self.free, self.free_count, width)
         order = F.pad(order, (0, 1), value=self.zero_row)
-        self.points = _take_rows(self.points, order)
+        self.points = take_rows(self.points, order)
         self.inverse_norm = self.inverse_norm.gather(1, order)
         self.position = self.position.gather(1, order)
         self.free = self.free.gather(1, order)
@@ -128,7 +123,7 @@ class WorkingSet:
 
     def unit_feature(self, row: torch.Tensor) -> torch.Tensor:
         """n at one stored row per image: row [b] -> [b, C]."""
-        picked = _take_rows(self.points, row[:, None]).squeeze(1)
+        picked = take_rows(self.points, row[:, None]).squeeze(1)
         return (picked + self.mean) * self.inverse_norm.gather(1, row[:, None])
 
     def record(self, keep: torch.Tensor, values: torch.Tensor) -> None:
@@ -150,26 +145,25 @@ class WorkingSet:
         counts = newly.cpu()
         widest = int(counts.max())
         if widest > 0:
-            order = torch.sort(keep.to(torch.uint8), dim=1, descending=True, stable=True).indices[:, :widest]
-            valid = torch.arange(widest, device=keep.device)[None, :] < newly[:, None]
-            covered = _take_rows(self.points, torch.where(valid, order, self.zero_row))  # [b, widest, C]
+            order, valid = compact_order(keep, newly, widest)
+            covered = take_rows(self.points, torch.where(valid, order, self.zero_row))  # [b, widest, C]
             self.free_sum = self.free_sum - covered.sum(dim=1)
             carry_basis = 4 * widest <= covered.shape[2]
-            buckets = torch.where(counts > 0, torch.ceil(torch.log2(counts.clamp(min=1).double())), -1.0)
+            buckets = torch.ceil(torch.log2(counts.clamp(min=1).double()))
             present = torch.unique(buckets[counts > 0]).tolist()
-            for bucket in present:
-                if len(present) == 1:  # one group: update G in place, no copies
-                    block = covered[:, : int(counts.max())]
-                    self.gram.baddbmm_(block.transpose(1, 2), block, alpha=-1.0)
-                    if carry_basis:
-                        self.gram_basis.baddbmm_(self.basis @ block.transpose(1, 2), block, alpha=-1.0)
-                    break
-                members = (buckets == bucket).nonzero().squeeze(1)
-                block = covered[members.to(keep.device), : int(counts[members].max())]
-                index = members.to(keep.device)
-                self.gram.index_add_(0, index, block.transpose(1, 2) @ block, alpha=-1.0)
+            if len(present) == 1:  # one group: update G in place, no copies
+                self.gram.baddbmm_(covered.transpose(1, 2), covered, alpha=-1.0)
                 if carry_basis:
-                    self.gram_basis.index_add_(0, index, (self.basis[index] @ block.transpose(1, 2)) @ block, alpha=-1.0)
+                    self.gram_basis.baddbmm_(self.basis @ covered.transpose(1, 2), covered, alpha=-1.0)
+            else:
+                for bucket in present:
+                    members = ((buckets == bucket) & (counts > 0)).nonzero().squeeze(1)
+                    index = members.to(keep.device)
+                    block = covered[index, : int(counts[members].max())]
+                    self.gram.index_add_(0, index, block.transpose(1, 2) @ block, alpha=-1.0)
+                    if carry_basis:
+                        update = (self.basis[index] @ block.transpose(1, 2)) @ block
+                        self.gram_basis.index_add_(0, index, update, alpha=-1.0)
             if not carry_basis:
                 self.gram_basis = None
         self.free = self.free & ~keep
