@@ -51,8 +51,17 @@ def _choice(value: str, choices: Sequence[str], key: str) -> None:
 class DataConfig:
     """Where the shards are and how samples become batches."""
 
-    train_shards: str = ""  # a directory of .tar shards, a glob, or a brace pattern "dir/{000000..000009}.tar"
+    # A directory of .tar shards, a glob, a brace pattern "dir/{000000..000009}.tar", a comma-separated list, or
+    # remote: "https://host/data/" or "s3://bucket/prefix/" (listed by its index.json), "s3://b/{000..009}.tar",
+    # "pipe:COMMAND" (see data/sources.py).
+    train_shards: str = ""
     val_shards: str = ""
+    cache_dir: str = ""  # local copy of remote shards (shared by the ranks of a node); "" = stream, no copy
+    cache_limit_gb: float = 50.0  # least recently used shards leave data.cache_dir beyond this size
+    s3_endpoint_url: str = ""  # "" = AWS_ENDPOINT_URL(_S3) or AWS itself; credentials: AWS_* variables
+    s3_profile: str = ""  # a profile of ~/.aws/credentials instead of the AWS_* variables
+    remote_retries: int = 5  # attempts per remote read before a shard counts as unusable
+    remote_backoff_s: float = 1.0  # first wait between attempts; doubles up to 30 s
     num_classes: int = 27  # K: number of prototypes and of ground-truth classes
     crop_size: int = 320  # square crop side in pixels; a multiple of the backbone stride
     train_scale: list[float] = field(default_factory=lambda: [1.0, 1.5])  # short side / crop, sampled uniformly
@@ -75,6 +84,9 @@ class DataConfig:
         _require(self.batch_size >= 1, f"{prefix}.batch_size", f"must be >= 1, got {self.batch_size}")
         _require(self.eval_batch_size >= 1, f"{prefix}.eval_batch_size", f"must be >= 1, got {self.eval_batch_size}")
         _require(self.num_workers >= 0, f"{prefix}.num_workers", f"must be >= 0, got {self.num_workers}")
+        _require(self.cache_limit_gb > 0, f"{prefix}.cache_limit_gb", f"must be > 0, got {self.cache_limit_gb}")
+        _require(self.remote_retries >= 1, f"{prefix}.remote_retries", f"must be >= 1, got {self.remote_retries}")
+        _require(self.remote_backoff_s >= 0, f"{prefix}.remote_backoff_s", f"must be >= 0, got {self.remote_backoff_s}")
         _require(self.shuffle_buffer >= 0, f"{prefix}.shuffle_buffer", f"must be >= 0, got {self.shuffle_buffer}")
         _require(
             0.0 <= self.max_corrupt_fraction <= 1.0,
