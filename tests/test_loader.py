@@ -4,20 +4,15 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
 from primaps_dist.config import DataConfig
-from primaps_dist.data.loader import (
-    collect_state,
-    interleave_chunk,
-    chunk_rng,
-    make_eval_loader,
-    make_train_loader,
-    split_for_eval,
-)
+from primaps_dist.data.loader import collect_state, make_eval_loader, make_train_loader, merge_states
+from primaps_dist.data.order import eval_ranges, shard_sample_counts
 from primaps_dist.data.shardio import ShardProblem, read_shard, resolve_shards
 from primaps_dist.data.synthetic import CLASS_COLOURS, encode_image, write_striped_shards, write_tar
 from primaps_dist.errors import ConfigError, UserError
@@ -84,24 +79,23 @@ def test_resolve_shards_errors_name_the_config_key(tmp_path, shard_dir):
 # ------------------------------------------------------------------------------------------ evaluation split
 
 
-@pytest.mark.parametrize("world_size,num_workers", [(1, 1), (2, 1), (2, 2), (3, 2), (4, 2)])
-def test_split_for_eval_is_a_partition(world_size, num_workers):
-    shards = [f"{i}.tar" for i in range(5)]
-    seen = [
-        shard
-        for rank in range(world_size)
-        for worker in range(num_workers)
-        for shard in split_for_eval(shards, rank, world_size, worker, num_workers)
-    ]
-    assert sorted(seen) == shards
-    per_rank = [len(shards[rank::world_size]) for rank in range(world_size)]
+@pytest.mark.parametrize("world_size,num_workers", [(1, 1), (2, 1), (2, 2), (3, 2), (4, 2), (64, 3)])
+def test_eval_split_is_a_balanced_partition_of_samples(world_size, num_workers):
+    counts = [500, 0, 7, 3]  # one big shard: every rank still gets its share
+    seen = []
+    per_rank = []
+    for rank in range(world_size):
+        ranges = eval_ranges(counts, rank, world_size, num_workers)
+        per_rank.append(sum(end - start for start, end in ranges))
+        seen.extend(p for start, end in ranges for p in range(start, end))
+    assert sorted(seen) == list(range(sum(counts)))
     assert max(per_rank) - min(per_rank) <= 1
 
 
-@pytest.mark.parametrize("world_size,num_workers", [(1, 1), (2, 1), (2, 2), (3, 2)])
+@pytest.mark.parametrize("world_size,num_workers", [(1, 1), (2, 1), (2, 2), (3, 2), (5, 2)])
 def test_eval_sees_every_sample_exactly_once(shard_dir, world_size, num_workers):
     cfg = data_cfg(val=shard_dir, num_workers=num_workers)
-    keys = []
+    keys, counts = [], []
     for rank in range(world_size):
         loader = make_eval_loader(cfg, rank=rank, world_size=world_size)
         rank_keys = []
@@ -111,16 +105,23 @@ def test_eval_sees_every_sample_exactly_once(shard_dir, world_size, num_workers)
             rank_keys.extend(batch["key"])
         assert loader.num_samples == len(rank_keys)
         keys.extend(rank_keys)
+        counts.append(len(rank_keys))
+    assert max(counts) - min(counts) <= 1  # split by samples, not shards
     assert len(keys) == 35
     assert sorted(keys) == sorted(f"s{s}_{i:04d}" for s in range(5) for i in range(7))
 
 
-def test_eval_rank_without_shards_yields_nothing(shards):
-    cfg = data_cfg(val=",".join(shards[:2]), num_workers=2)
-    loader = make_eval_loader(cfg, rank=2, world_size=3)
-    assert loader.shards == []
-    assert list(loader) == []
-    assert loader.num_samples == 0
+def test_eval_ranks_share_a_single_shard(shards):
+    """One shard of 7 samples on 3 ranks x 2 workers: 2, 2 and 3 samples, none twice (a whole-shard split
+    would leave two ranks idle)."""
+    cfg = data_cfg(val=shards[0], num_workers=2)
+    keys = []
+    for rank in range(3):
+        loader = make_eval_loader(cfg, rank=rank, world_size=3)
+        rank_keys = [k for batch in loader for k in batch["key"]]
+        assert len(rank_keys) == loader.num_samples == [2, 2, 3][rank]
+        keys.extend(rank_keys)
+    assert sorted(keys) == [f"s0_{i:04d}" for i in range(7)]
 
 
 def test_eval_order_is_fixed_and_centre_crop(shard_dir):
@@ -173,13 +174,37 @@ def test_same_seeds_reproduce_and_streams_differ(shard_dir):
     assert base != keys(make_train_loader(cfg, rank=0, world_size=2, seed=3, start_step=100))
 
 
-def test_workers_draw_different_streams(shard_dir):
-    loader = make_train_loader(data_cfg(shard_dir, num_workers=2), rank=0, world_size=1, seed=0)
-    batches = take(loader, 6)
-    loader.close()
-    assert [b["worker"] for b in batches] == [0, 1, 0, 1, 0, 1]
-    by_worker = {w: [k for b in batches if b["worker"] == w for k in b["key"]] for w in (0, 1)}
-    assert by_worker[0] != by_worker[1]
+def _global_batches(cfg, world_size: int, steps: int, **options) -> list[tuple[list[str], torch.Tensor]]:
+    """Each step's batches of all ranks, concatenated in rank order."""
+    loaders = [make_train_loader(cfg, rank=rank, world_size=world_size, seed=11, **options)
+               for rank in range(world_size)]
+    out = []
+    for _ in range(steps):
+        batches = [next(loader) for loader in loaders]
+        assert {len(b["key"]) for b in batches} == {cfg.global_batch_size // world_size}
+        out.append(([k for b in batches for k in b["key"]], torch.cat([b["image"] for b in batches])))
+    for loader in loaders:
+        loader.close()
+    return out
+
+
+def test_global_batches_do_not_depend_on_ranks_or_workers(shard_dir):
+    """The elastic guarantee at the data level: W = 1, 2, 4 ranks with 0 or 2 workers see the same global
+    batches, bitwise, the ranks' batches being contiguous blocks of it."""
+    cfg = data_cfg(shard_dir, global_batch_size=8, shuffle_buffer=16)
+    reference = _global_batches(cfg, 1, 5)
+    for world_size, num_workers in ((2, 0), (4, 2), (1, 2)):
+        other = _global_batches(replace(cfg, num_workers=num_workers), world_size, 5)
+        for (keys, images), (other_keys, other_images) in zip(reference, other):
+            assert keys == other_keys and torch.equal(images, other_images)
+    assert len({k.split("_")[0] for k in reference[0][0]}) >= 3  # every batch mixes shards
+
+
+def test_global_batch_must_divide(shard_dir):
+    with pytest.raises(ConfigError, match="data.global_batch_size.*not divisible by the number of ranks 3"):
+        make_train_loader(data_cfg(shard_dir, global_batch_size=8), rank=0, world_size=3, seed=0)
+    with pytest.raises(ConfigError, match="data.streams"):
+        make_train_loader(data_cfg(shard_dir, global_batch_size=8, streams=2), rank=0, world_size=4, seed=0)
 
 
 def test_train_stream_is_infinite_and_resamples(shard_dir):
@@ -188,38 +213,56 @@ def test_train_stream_is_infinite_and_resamples(shard_dir):
     assert len(keys) == 84 and len(set(keys)) == 35
 
 
-def test_chunk_reading_is_a_function_of_the_seed(shards):
-    def items(seed):
-        rng = chunk_rng(seed, 0, 0, 0, 0)
-        return [item["__key__"] for item in interleave_chunk(shards, rng, shards_per_chunk=3, shuffle_buffer=4)]
+def test_emission_order_is_a_bounded_shuffle():
+    from primaps_dist.data.order import emission_order
 
-    first = items(1)
-    assert first == items(1) and first != items(2)
-    assert len(first) == 21 and len(set(first)) == 21  # three distinct shards, each read completely
-    assert len({key.split("_")[0] for key in first[:8]}) >= 2  # interleaved, not shard after shard
+    for capacity in (1, 4, 50):
+        order = emission_order(30, capacity, np.random.default_rng(3))
+        assert sorted(order.tolist()) == list(range(30))
+        assert all(item <= position + capacity - 1 for position, item in enumerate(order.tolist()))
+        again = emission_order(30, capacity, np.random.default_rng(3))
+        assert np.array_equal(order, again)
+    assert emission_order(30, 1, np.random.default_rng(0)).tolist() == list(range(30))
+    assert emission_order(30, 8, np.random.default_rng(0)).tolist() != list(range(30))
 
 
-@pytest.mark.parametrize("num_workers,stop", [(0, 4), (2, 3), (2, 4)])
-def test_resume_reproduces_the_uninterrupted_stream(shard_dir, num_workers, stop):
-    cfg = data_cfg(shard_dir, num_workers=num_workers, shuffle_buffer=5)
+def test_sample_counts_from_index_or_tar_headers(shards, tmp_path):
+    assert shard_sample_counts(shards) == [7] * 5
+    import json
+    import shutil
+
+    copy = tmp_path / "000000.tar"
+    shutil.copy(shards[0], copy)
+    (tmp_path / "index.json").write_text(json.dumps({"shards": [{"name": "000000.tar", "num_samples": 9}]}))
+    assert shard_sample_counts([str(copy)]) == [9]  # the index wins (it is the listing for remote data)
+
+
+@pytest.mark.parametrize("num_workers,stop,resume_world", [(0, 4, 1), (2, 3, 4), (2, 4, 2)])
+def test_resume_reproduces_the_uninterrupted_stream(shard_dir, num_workers, stop, resume_world):
+    """Stopped at W = 2 after ``stop`` steps, resumed at another W: the same global batches, bitwise."""
+    cfg = data_cfg(shard_dir, num_workers=num_workers, shuffle_buffer=20, global_batch_size=4)
     total = 9
-    reference = take(make_train_loader(cfg, rank=1, world_size=2, seed=7), total)
-    state = None
-    for batch in reference[:stop]:
-        state = collect_state(batch, state)
-    assert state["batches"] == stop
-    resumed_loader = make_train_loader(cfg, rank=1, world_size=2, seed=7, start_step=stop, resume_state=state)
-    assert resumed_loader.resumed
-    resumed = take(resumed_loader, total - stop)
-    resumed_loader.close()
-    for expected, got in zip(reference[stop:], resumed):
-        assert got["key"] == expected["key"]
-        assert torch.equal(got["image"], expected["image"])  # bitwise
-        assert got["state"] == expected["state"]
-    # the state keeps counting across the restart
-    for batch in resumed:
-        state = collect_state(batch, state)
-    assert state["batches"] == total
+    reference = _global_batches(cfg, 1, total)
+    states = []
+    for rank in range(2):
+        loader = make_train_loader(cfg, rank=rank, world_size=2, seed=11)
+        state = None
+        for batch in take(loader, stop):
+            state = collect_state(batch, state)
+        loader.close()
+        assert state["step"] == stop
+        states.append(state)
+    merged = merge_states(states)
+    assert len(merged["positions"]) == 4  # one position per logical stream, none per rank
+    loaders = [make_train_loader(cfg, rank=rank, world_size=resume_world, seed=11, start_step=stop,
+                                 resume_state=merged) for rank in range(resume_world)]
+    assert all(loader.resumed for loader in loaders)
+    for keys, images in reference[stop:]:
+        batches = [next(loader) for loader in loaders]
+        assert [k for b in batches for k in b["key"]] == keys
+        assert torch.equal(torch.cat([b["image"] for b in batches]), images)  # bitwise
+    for loader in loaders:
+        loader.close()
 
 
 def test_resume_state_of_another_stream_is_ignored(shard_dir, caplog):
@@ -237,7 +280,7 @@ def test_collect_state_is_small_and_pure(shard_dir):
     batch = next(make_train_loader(data_cfg(shard_dir), rank=0, world_size=1, seed=0))
     first = collect_state(batch)
     second = collect_state(batch, first)
-    assert first["batches"] == 1 and second["batches"] == 2
+    assert first["step"] == 1 and second == first and second is not first
     import json
 
     assert json.loads(json.dumps(second)) == second
@@ -374,28 +417,23 @@ def test_eval_counts_corrupt_samples(corrupt_dir):
     assert loader.skipped == 4
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_train_counts_corrupt_samples(corrupt_dir, num_workers):
-    cfg = data_cfg(corrupt_dir, max_corrupt_fraction=1.0, num_workers=num_workers, batch_size=5)
-    loader = make_train_loader(cfg, rank=0, world_size=1, seed=0, shards_per_chunk=4)
-    # each chunk reads all 4 shards: 10 good samples and 4 unusable items (broken jpeg, text member,
-    # truncated shard, empty shard), so 4 batches of 5 consume exactly 2 chunks per worker
-    batches = take(loader, 4 * max(1, num_workers))
-    loader.close()
-    shards = resolve_shards(corrupt_dir, "k")
-    for worker in range(max(1, num_workers)):
-        mine = [b for b in batches if b["worker"] == worker]
-        reported = sum(b["skipped"] for b in mine)
-        chunk, index = mine[-1]["state"]["chunk"], mine[-1]["state"]["index"]
-        assert chunk == 1
-        # replay the chunks up to the last position and count what could not be used
-        expected = 0
-        for c in range(chunk + 1):
-            items = list(interleave_chunk(shards, chunk_rng(0, 0, worker, 0, c), 4, cfg.shuffle_buffer))
-            assert len(items) == 14
-            upto = items if c < chunk else items[:index]
-            expected += sum(isinstance(i, ShardProblem) or i["__key__"] in ("broken", "text") for i in upto)
-        assert 4 <= reported == expected <= 8
+def test_train_counts_corrupt_samples(corrupt_dir):
+    """One stream reads the four shards of an epoch one after the other: two batches of 5 are exactly the 10
+    good samples, and the unusable items met on the way (broken jpeg, text member, truncated shard and its
+    missing sample, empty shard) are counted, the same with 0 or 2 workers."""
+    results = []
+    for num_workers in (0, 2):
+        cfg = data_cfg(corrupt_dir, max_corrupt_fraction=1.0, num_workers=num_workers, global_batch_size=5,
+                       streams=1)
+        loader = make_train_loader(cfg, rank=0, world_size=1, seed=0)
+        batches = take(loader, 2)
+        loader.close()
+        keys = [k for b in batches for k in b["key"]]
+        assert sorted(keys) == sorted([f"s0_{i:04d}" for i in range(6)] + ["a", "b", "c", "d"])
+        skipped = sum(b["skipped"] for b in batches)
+        assert 2 <= skipped <= 5
+        results.append((keys, skipped))
+    assert results[0] == results[1]
 
 
 def test_too_many_corrupt_samples_raise_naming_the_shard(tmp_path):
@@ -419,9 +457,9 @@ def test_only_broken_shards_do_not_hang(tmp_path):
 
 
 def test_undecodable_samples_only_do_not_hang(tmp_path, monkeypatch):
-    import primaps_dist.data.loader as loader_module
+    import primaps_dist.data.train_stream as stream_module
 
-    monkeypatch.setattr(loader_module, "MAX_UNUSABLE_IN_A_ROW", 40)
+    monkeypatch.setattr(stream_module, "MAX_UNUSABLE_IN_A_ROW", 40)
     write_tar(tmp_path / "000000.tar", [(f"k{i}.png", b"garbage") for i in range(7)])
     cfg = data_cfg(str(tmp_path), max_corrupt_fraction=1.0)
     with pytest.raises(UserError, match=r"the last 40 in a row; shards with problems: .*000000.tar \(40\)"):

@@ -66,10 +66,16 @@ class DataConfig:
     crop_size: int = 320  # square crop side in pixels; a multiple of the backbone stride
     train_scale: list[float] = field(default_factory=lambda: [1.0, 1.5])  # short side / crop, sampled uniformly
     hflip: bool = True
-    batch_size: int = 8  # per rank
+    # Samples per step over all ranks; the per-rank batch is this / the number of ranks (which must divide it).
+    # The training order depends on (train.seed, data, global_batch_size, step) only: the same prototypes on any
+    # number of GPUs (data/order.py). 0 = data.batch_size x the number of ranks.
+    global_batch_size: int = 0
+    batch_size: int = 8  # per rank, used only when global_batch_size is 0
     eval_batch_size: int = 8  # per rank
     num_workers: int = 2  # loader processes per rank
-    shuffle_buffer: int = 256
+    streams: int = 0  # logical training streams (0 = global_batch_size); divides it, a multiple of the ranks
+    shuffle_buffer: int = 256  # samples in the shuffle buffers of all streams together (each within its shard)
+    shuffle_buffer_mb: float = 512.0  # byte budget of those buffers (decoded crops); bounds any worker's share
     max_corrupt_fraction: float = 0.1  # stop with an error when more samples than this are unreadable
 
     def validate(self, prefix: str = "data") -> None:
@@ -88,6 +94,14 @@ class DataConfig:
         _require(self.remote_retries >= 1, f"{prefix}.remote_retries", f"must be >= 1, got {self.remote_retries}")
         _require(self.remote_backoff_s >= 0, f"{prefix}.remote_backoff_s", f"must be >= 0, got {self.remote_backoff_s}")
         _require(self.shuffle_buffer >= 0, f"{prefix}.shuffle_buffer", f"must be >= 0, got {self.shuffle_buffer}")
+        _require(self.shuffle_buffer_mb >= 0, f"{prefix}.shuffle_buffer_mb",
+                 f"must be >= 0, got {self.shuffle_buffer_mb}")
+        _require(self.global_batch_size >= 0, f"{prefix}.global_batch_size",
+                 f"must be >= 0, got {self.global_batch_size}")
+        _require(self.streams >= 0, f"{prefix}.streams", f"must be >= 0, got {self.streams}")
+        if self.global_batch_size and self.streams:
+            _require(self.global_batch_size % self.streams == 0, f"{prefix}.streams",
+                     f"{self.streams} does not divide data.global_batch_size={self.global_batch_size}")
         _require(
             0.0 <= self.max_corrupt_fraction <= 1.0,
             f"{prefix}.max_corrupt_fraction",

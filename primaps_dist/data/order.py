@@ -1,0 +1,209 @@
+"""The elastic training order: which sample sits at which place of which global batch.
+
+The global sample sequence is a function of (seed, data set, global batch size G, step) only; how many
+ranks, nodes or loader workers read it does not enter (MosaicML Streaming calls this elastic determinism).
+
+* The data set is a list of shards with known sample counts (:func:`shard_sample_counts`: make-shards'
+  ``index.json``, else the tar headers of local shards).
+* Shard *slots* 0, 1, 2, ...: slot ``i`` holds shard ``perm_e[i mod n]`` with ``e = i div n`` and ``perm_e`` a
+  permutation of the n shards seeded by (seed, salt, e). Consecutive runs of n slots are epochs.
+* ``L`` logical streams (``data.streams``, default G). Stream ``s`` reads the slots ``s, s + L, s + 2L, ...``
+  one after the other, sequentially within each shard; the samples of one visit come out in the order of a
+  shuffle buffer of ``capacity`` samples (:func:`emission_order`), emptied at the end of the visit.
+* Step t's global batch takes the next ``q = G / L`` usable samples of every stream; unusable samples
+  (corrupt, missing) are skipped and counted, so the batch size stays G and the skips are the same on any
+  number of GPUs.
+* The crop of a sample is drawn from a generator seeded by (seed, salt, slot, index in shard).
+* Ranks own contiguous blocks of ``L / W`` streams, loader workers own streams round-robin within the rank,
+  so each shard visit is read by exactly one worker: the egress factor is 1 (bytes fetched / data-set bytes per
+  pass), plus the unread head of the current shard re-read once after a resume.
+
+A position is ``{stream: [visit, emitted]}``: resuming re-reads the current shard up to its place (tar
+bytes only; samples already handed out are not decoded) and nothing before it.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import tarfile
+from dataclasses import dataclass
+
+import numpy as np
+
+from primaps_dist.errors import ConfigError
+
+_TAG_SLOTS = 0x534C_4F54
+_TAG_VISIT = 0x5649_5354
+_TAG_CROP = 0x4352_4F50
+
+
+def _u63(value: int) -> int:
+    return int(value) % (1 << 63)
+
+
+# ------------------------------------------------------------------------------------------ sample counts
+
+
+def _index_counts(folder: str) -> dict[str, int]:
+    """``{shard file name: num_samples}`` from make-shards' index.json in ``folder`` (empty without one)."""
+    path = os.path.join(folder, "index.json")
+    try:
+        with open(path) as handle:
+            index = json.load(handle)
+    except (OSError, ValueError):
+        return {}
+    shards = index.get("shards") if isinstance(index, dict) else None
+    counts = {}
+    for entry in shards or []:
+        if isinstance(entry, dict) and isinstance(entry.get("num_samples"), int):
+            counts[str(entry.get("name"))] = entry["num_samples"]
+    return counts
+
+
+def count_tar_samples(path: str) -> int:
+    """Samples in a local tar shard by its headers (member data is skipped, not read): the number of runs of
+    consecutive members with the same key that have an extension; 0 for an unreadable or empty file."""
+    from webdataset.tariterators import base_plus_ext
+
+    count, previous = 0, None
+    try:
+        with tarfile.open(path, mode="r:") as archive:
+            for info in archive:
+                if not info.isreg():
+                    continue
+                prefix, _ = base_plus_ext(info.name)
+                if prefix is not None and prefix != previous:
+                    count += 1
+                previous = prefix
+    except (tarfile.TarError, OSError, EOFError, ValueError):
+        pass
+    return count
+
+
+def shard_sample_counts(shards: list[str] | tuple[str, ...]) -> list[int]:
+    """Samples per shard: make-shards' ``index.json`` next to the shards when it lists them, else a header
+    scan of each local shard (:func:`count_tar_samples`)."""
+    by_folder: dict[str, dict[str, int]] = {}
+    counts = []
+    for shard in shards:
+        folder, name = os.path.split(shard)
+        if folder not in by_folder:
+            by_folder[folder] = _index_counts(folder) if "://" not in folder else {}
+        known = by_folder[folder].get(name)
+        counts.append(known if known is not None else count_tar_samples(shard))
+    return counts
+
+
+# ------------------------------------------------------------------------------------------ the layout
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Streams, batch split and buffer size of one training run (see the module docstring)."""
+
+    global_batch: int  # G
+    streams: int  # L
+    world_size: int  # W
+    capacity: int  # shuffle-buffer samples per stream (1 = file order)
+
+    @property
+    def per_stream(self) -> int:
+        """Samples each stream gives to every global batch (q = G / L)."""
+        return self.global_batch // self.streams
+
+    @property
+    def per_rank(self) -> int:
+        return self.global_batch // self.world_size
+
+    def rank_streams(self, rank: int) -> range:
+        block = self.streams // self.world_size
+        return range(rank * block, (rank + 1) * block)
+
+    def worker_streams(self, rank: int, worker: int, num_workers: int) -> list[int]:
+        return list(self.rank_streams(rank))[worker::max(1, num_workers)]
+
+
+def make_layout(data_cfg, world_size: int, sample_bytes: int) -> Layout:
+    """The run's :class:`Layout` from ``data.global_batch_size`` (0: ``data.batch_size`` x W), ``data.streams``
+    (0: G), ``data.shuffle_buffer`` (samples, all streams together) and ``data.shuffle_buffer_mb`` (their byte
+    budget: a worker holds at most all L buffers, each of ``sample_bytes`` per sample). ConfigError when the
+    numbers do not divide."""
+    global_batch = int(getattr(data_cfg, "global_batch_size", 0) or 0) or data_cfg.batch_size * world_size
+    if global_batch % world_size:
+        raise ConfigError("data.global_batch_size",
+                          f"{global_batch} is not divisible by the number of ranks {world_size}")
+    streams = int(getattr(data_cfg, "streams", 0) or 0) or global_batch
+    if global_batch % streams:
+        raise ConfigError("data.streams", f"{streams} does not divide data.global_batch_size={global_batch}")
+    if streams % world_size:
+        raise ConfigError("data.streams", f"{streams} is not divisible by the number of ranks {world_size} "
+                                          f"(set data.streams to a multiple of it)")
+    capacity = max(1, data_cfg.shuffle_buffer // streams) if data_cfg.shuffle_buffer > 0 else 1
+    budget_mb = float(getattr(data_cfg, "shuffle_buffer_mb", 0) or 0)
+    if budget_mb > 0:
+        capacity = max(1, min(capacity, int(budget_mb * 2**20) // (streams * max(1, sample_bytes))))
+    return Layout(global_batch, streams, world_size, capacity)
+
+
+# ------------------------------------------------------------------------------------------ the order
+
+
+@functools.lru_cache(maxsize=64)
+def _epoch_permutation(seed: int, salt: int, epoch: int, num_shards: int) -> tuple[int, ...]:
+    rng = np.random.default_rng([_TAG_SLOTS, _u63(seed), _u63(salt), epoch])
+    return tuple(int(i) for i in rng.permutation(num_shards))
+
+
+def shard_of_slot(seed: int, salt: int, slot: int, num_shards: int) -> int:
+    epoch, offset = divmod(slot, num_shards)
+    return _epoch_permutation(seed, salt, epoch, num_shards)[offset]
+
+
+def emission_order(count: int, capacity: int, rng: np.random.Generator) -> np.ndarray:
+    """The order in which a shuffle buffer of ``capacity`` samples hands out items ``0..count-1`` read in file
+    order, as int64 ``[count]``. When ``order[e]`` is handed out, at most ``e + capacity`` items have been
+    read, so a reader holds at most ``capacity`` decoded samples."""
+    if capacity <= 1 or count <= 1:
+        return np.arange(count, dtype=np.int64)
+    buffer: list[int] = []
+    order: list[int] = []
+    for item in range(count):
+        if len(buffer) < capacity:
+            buffer.append(item)
+            continue
+        slot = int(rng.integers(capacity))
+        order.append(buffer[slot])
+        buffer[slot] = item
+    while buffer:
+        slot = int(rng.integers(len(buffer)))
+        buffer[slot], buffer[-1] = buffer[-1], buffer[slot]
+        order.append(buffer.pop())
+    return np.asarray(order, dtype=np.int64)
+
+
+def visit_order(seed: int, salt: int, slot: int, count: int, capacity: int) -> np.ndarray:
+    return emission_order(count, capacity, np.random.default_rng([_TAG_VISIT, _u63(seed), _u63(salt), slot]))
+
+
+def crop_rng(seed: int, salt: int, slot: int, index: int) -> np.random.Generator:
+    """The generator of one sample's crop: a function of its place in the data, not of who reads it."""
+    return np.random.default_rng([_TAG_CROP, _u63(seed), _u63(salt), slot, index])
+
+
+# ------------------------------------------------------------------------------------------ evaluation split
+
+
+def split_range(total: int, parts: int, part: int) -> tuple[int, int]:
+    """Contiguous part ``part`` of ``parts`` of ``range(total)``; part sizes differ by at most one."""
+    return part * total // parts, (part + 1) * total // parts
+
+
+def eval_ranges(counts: list[int], rank: int, world_size: int, num_workers: int) -> list[tuple[int, int]]:
+    """Global sample positions [start, end) of each loader worker of ``rank``: the ranks split the samples of
+    all shards (in shard order) into W contiguous parts within one sample of each other, each rank's workers
+    split its part the same way."""
+    start, end = split_range(sum(counts), world_size, rank)
+    return [tuple(start + bound for bound in split_range(end - start, num_workers, worker))
+            for worker in range(num_workers)]
