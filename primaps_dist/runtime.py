@@ -8,7 +8,6 @@ import os
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -58,14 +57,32 @@ def inject_fault(step: int, rank: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-@dataclass
 class StepTimer:
-    """Wall-clock seconds per phase of the current logging window."""
+    """Seconds per phase of the current logging window, without making the host wait for the device.
 
-    totals: dict[str, float] = field(default_factory=dict)
-    _last: float = field(default_factory=time.perf_counter)
+    ``lap(name, device)`` closes the phase ``name`` (the time since the previous lap). On the CPU that is
+    wall-clock time. On a CUDA device a lap only records an event on the current stream; :meth:`pop` (once
+    per logging window) waits for the last event and reads the intervals between consecutive events, i.e.
+    the device time of each phase including the gaps where the device waited for the host. The step itself
+    never synchronises (the former per-lap ``torch.cuda.synchronize`` cost five host waits a step).
+    ``synchronize=True`` brings those back for wall-clock profiling of the host side.
+    """
+
+    def __init__(self, synchronize: bool = False) -> None:
+        self.synchronize = synchronize
+        self.totals: dict[str, float] = {}
+        self._last = time.perf_counter()
+        self._last_event: Any = None
+        self._intervals: list[tuple[str, Any, Any]] = []  # (phase, start event, end event), read in pop()
 
     def lap(self, name: str, device: torch.device) -> None:
+        if device.type == "cuda" and not self.synchronize:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            if self._last_event is not None:
+                self._intervals.append((name, self._last_event, event))
+            self._last_event = event
+            return
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         now = time.perf_counter()
@@ -73,5 +90,11 @@ class StepTimer:
         self._last = now
 
     def pop(self) -> dict[str, float]:
+        """The window's seconds per phase (one wait for the device on CUDA); starts a new window."""
+        if self._intervals:
+            self._intervals[-1][2].synchronize()
+            for name, start, end in self._intervals:
+                self.totals[name] = self.totals.get(name, 0.0) + start.elapsed_time(end) / 1000.0
+            self._intervals = []
         totals, self.totals = self.totals, {}
         return totals

@@ -31,6 +31,7 @@ import logging
 import sys
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -70,6 +71,22 @@ def verify_identical(prototypes: torch.Tensor, step: int) -> None:
     digests = dist.all_gather_object(digest)
     if len(set(digests)) != 1:
         raise RuntimeError(f"prototypes differ across ranks at step {step}: {digests}")
+
+
+def host_metrics(metrics: dict[str, Any]) -> dict[str, float]:
+    """Read a step's metrics back to Python floats, on logging steps only.
+
+    Stages return device tensors (0-dim) or zero-argument callables instead of floats, because reading a
+    device value makes the host wait for the GPU; a callable may return a float or a dict of floats (merged).
+    """
+    values: dict[str, float] = {}
+    for name, value in metrics.items():
+        value = value() if callable(value) else value
+        if isinstance(value, dict):
+            values.update({key: float(item) for key, item in value.items()})
+        else:
+            values[name] = float(value)
+    return values
 
 
 # ------------------------------------------------------------------------------------------ the trainer
@@ -224,13 +241,13 @@ class Trainer:
             log.info("PCA initialisation from %d feature vectors", int(self.covariance.count))
         return {}
 
-    def kmeans_step(self, features: torch.Tensor) -> dict[str, float]:
+    def kmeans_step(self, features: torch.Tensor) -> dict[str, Any]:
         summary = kmeans_step(self.state, features, self.cfg.em.momentum)
         if self.step == self.stages.kmeans_end - 1:
             self.baseline_prototypes = self.state.prototypes.detach().cpu().clone()
-        return {"kmeans/objective": summary.objective, "class_usage_entropy": class_usage_entropy(summary.counts)}
+        return {"kmeans/objective": summary.objective, "class_usage_entropy": partial(class_usage_entropy, summary.counts)}
 
-    def e_and_m_step(self, images: torch.Tensor, features: torch.Tensor, timer: StepTimer) -> dict[str, float]:
+    def e_and_m_step(self, images: torch.Tensor, features: torch.Tensor, timer: StepTimer) -> dict[str, Any]:
         """One PriMaPs-EM step: the E-step (pseudo labels of ``images`` ``[B, 3, H, W]`` from ``features``
         ``[B, C, h, w]`` and the teacher prototypes), then the M-step (``stats`` or ``gradient``)."""
         cfg = self.cfg
@@ -249,7 +266,7 @@ class Trainer:
         )
         timer.lap("proposals", self.device)
         self.diagnostics.add(pseudo.stats)  # device tensors: no host sync until the logging step
-        metrics: dict[str, float] = {}
+        metrics: dict[str, Any] = {}  # device values, read by host_metrics on logging steps
         if cfg.em.mode == "stats":
             # Statistics live at the feature grid: pseudo labels are sampled at patch centres. "nearest-exact"
             # reads the pixel at (i + 0.5) * scale; plain "nearest" reads i * scale, the top-left corner of
@@ -257,17 +274,20 @@ class Trainer:
             grid_labels = F.interpolate(
                 pseudo.labels[:, None].float(), size=features.shape[-2:], mode="nearest-exact"
             )[:, 0].long()
-            summary = stats_step(self.state, features, grid_labels, cfg.em.momentum)
-            metrics.update({"em/objective": summary.objective, "class_usage_entropy": class_usage_entropy(summary.counts)})
+            # Pseudo labels are classes or the ignore id by construction: no range check (a host sync).
+            summary = stats_step(self.state, features, grid_labels, cfg.em.momentum, check_labels=False)
+            metrics.update({"em/objective": summary.objective,
+                            "class_usage_entropy": partial(class_usage_entropy, summary.counts)})
         else:
             student_images = images
             if cfg.em.photometric:
                 student_images = em_gradient.photometric_view(images, self.student_generator)
             student_features = features if student_images is images else self.backbone(student_images)
-            loss, counts = self.engine.step(student_features, pseudo.labels)
+            loss, counts = self.engine.step_on_device(student_features, pseudo.labels)
             self.state.set_prototypes(self.engine.teacher_prototypes())
-            metrics.update({"em/loss": loss, "class_usage_entropy": class_usage_entropy(counts)})
-            metrics.update(self.engine.last_metrics)  # focal-weight spread and head gains
+            metrics.update({"em/loss": loss, "class_usage_entropy": partial(class_usage_entropy, counts)})
+            engine = self.engine
+            metrics["em/engine"] = lambda: engine.last_metrics  # focal-weight spread and head gains
         return metrics
 
     def final_evaluation(self, tracker: Tracker) -> None:
@@ -381,7 +401,7 @@ class Trainer:
                     if self.env.is_master:
                         self.health.check(diagnostics, self.step)
                     metrics = {
-                        **metrics,
+                        **host_metrics(metrics),
                         **diagnostics,
                         "images_per_s": rate,
                         "skipped_samples": float(self.skipped_total),

@@ -20,7 +20,8 @@ __all__ = ["kmeans_step"]
 def kmeans_step(state: PrototypeState, features: torch.Tensor, momentum: float) -> StepResult:
     """One mini-batch spherical K-means step on this rank's ``features`` ``[N, C]`` / ``[B, C, H, W]``.
 
-    Collective: exactly one all-reduce; every rank must call it.
+    Collective: exactly one all-reduce; every rank must call it. No host sync: the labels are nearest
+    prototypes, in range by construction, so their range check is skipped.
     """
     labels = nearest_prototype(features, state.prototypes)
-    return stats_step(state, features, labels, momentum)
+    return stats_step(state, features, labels, momentum, check_labels=False)

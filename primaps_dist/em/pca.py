@@ -1,8 +1,9 @@
 """PCA initialisation of the prototypes from a streamed, all-reduced C x C covariance.
 
 The reference gathers millions of feature vectors in memory; here every rank accumulates, in float64,
-the count, the sum ``[C]`` and the sum of outer products ``[C, C]`` of its features, ONE all-reduce adds
-them up, and the covariance's eigenvectors give the same principal directions in O(C^2) memory.
+the count, the sum ``[C]`` and the sum of outer products ``[C, C]`` of its features, on the features' own
+device (no host copy per step; float32 only on devices without float64, e.g. Apple's MPS), ONE all-reduce
+adds them up, and the covariance's eigenvectors give the same principal directions in O(C^2) memory.
 
 Features are L2-normalised per position before accumulating (the prototypes live in cosine geometry), and
 centred through the pooled mean (a proper PCA). :meth:`CovarianceAccumulator.principal_directions`:
@@ -34,18 +35,34 @@ def orient_rows(vectors: torch.Tensor) -> torch.Tensor:
     return vectors * signs
 
 
+def accumulation_dtype(device: torch.device) -> torch.dtype:
+    """float64, except on devices that lack it (MPS)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 class CovarianceAccumulator:
-    """Streamed covariance of L2-normalised features of dimension ``dim`` (float64 on ``device``)."""
+    """Streamed covariance of L2-normalised features of dimension ``dim`` (float64 on ``device``).
+
+    ``device=None``: the statistics move to the device of the first features given to :meth:`update`
+    (the CPU until then), so a GPU run accumulates on the GPU without copying features to the host.
+    """
 
     def __init__(self, dim: int, device: torch.device | str | None = None):
         if dim < 1:
             raise ValueError(f"feature dimension must be >= 1, got {dim}")
         self.dim = dim
+        self._follow_features = device is None
         self.device = torch.device(device) if device is not None else torch.device("cpu")
-        self.count = torch.zeros((), dtype=torch.float64, device=self.device)
-        self.sum = torch.zeros(dim, dtype=torch.float64, device=self.device)
-        self.outer = torch.zeros(dim, dim, dtype=torch.float64, device=self.device)
+        dtype = accumulation_dtype(self.device)
+        self.count = torch.zeros((), dtype=dtype, device=self.device)
+        self.sum = torch.zeros(dim, dtype=dtype, device=self.device)
+        self.outer = torch.zeros(dim, dim, dtype=dtype, device=self.device)
         self.reduced = False
+
+    def _move_to(self, device: torch.device) -> None:
+        dtype = accumulation_dtype(device)
+        self.device = device
+        self.count, self.sum, self.outer = (t.to(device=device, dtype=dtype) for t in (self.count, self.sum, self.outer))
 
     def update(self, features: torch.Tensor) -> None:
         """Add ``[N, C]`` or ``[B, C, H, W]`` features (any float dtype) of this rank."""
@@ -54,8 +71,13 @@ class CovarianceAccumulator:
         rows, _ = as_pixel_rows(features)
         if rows.shape[1] != self.dim:
             raise ValueError(f"features have {rows.shape[1]} channels, the accumulator expects {self.dim}")
+        if self._follow_features:
+            self._follow_features = False
+            if rows.device != self.device:
+                self._move_to(rows.device)
+        dtype = self.outer.dtype
         for start in range(0, rows.shape[0], _CHUNK_ROWS):
-            chunk = normalise_rows(rows[start : start + _CHUNK_ROWS].to(device=self.device, dtype=torch.float64))
+            chunk = normalise_rows(rows[start : start + _CHUNK_ROWS].to(device=self.device, dtype=dtype))
             self.count += chunk.shape[0]
             self.sum += chunk.sum(dim=0)
             self.outer += chunk.T @ chunk
@@ -89,7 +111,7 @@ class CovarianceAccumulator:
             raise ValueError(f"number of directions must be >= 1, got {num_directions}")
         if distributed.is_distributed() and not self.reduced:
             raise ValueError("call reduce() on every rank before principal_directions()")
-        cov = self.covariance().cpu()
+        cov = self.covariance().cpu().to(torch.float64)
         _, vectors = torch.linalg.eigh(cov)  # ascending eigenvalues, eigenvectors in columns
         directions = orient_rows(vectors.flip(1).T[: min(num_directions, self.dim)].contiguous())
         extra = num_directions - directions.shape[0]

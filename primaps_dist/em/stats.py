@@ -29,6 +29,11 @@ Decisions:
 * A class whose ``M_k`` has (numerically) zero length, i.e. its features cancel out, keeps ``mu_k``.
 * ``momentum = 0`` is a plain Lloyd step on the batch: ``mu_k = normalise(S_k)``.
 
+No step reads a device value on the host: counts are added with ``index_add_`` (``bincount`` reads the
+maximum label on a GPU), the objective and counts stay device tensors until a logging step reads them, and
+callers whose labels are valid by construction (K-means, the trainer's pseudo labels) skip the range check
+with ``check_labels=False``.
+
 ``index_add_`` on CUDA uses atomics, so per-rank sums may differ in the last bits between runs on GPU;
 ranks still agree bitwise because they all use the reduced tensor.
 """
@@ -101,6 +106,7 @@ def batch_stats(
     labels: torch.Tensor,
     num_classes: int,
     ignore_index: int = IGNORE_INDEX,
+    check_labels: bool = True,
 ) -> torch.Tensor:
     """Per-class sums of L2-normalised features and counts of this rank's batch (no communication).
 
@@ -108,11 +114,15 @@ def batch_stats(
         features: ``[N, C]`` or ``[B, C, H, W]``, any float dtype; normalised per row here in float64.
         labels: ``[N]`` or ``[B, H, W]`` integer class ids in ``[0, K)``; ``ignore_index`` rows are skipped.
         num_classes: K.
+        check_labels: raise ValueError on a label outside ``[0, K)`` that is not ``ignore_index``; this reads
+            a device value on the host (one sync on a GPU), so callers whose labels are valid by
+            construction pass False.
     Returns:
         float64 ``[K, C+1]``: ``S`` (columns ``0..C-1``) and ``N`` (column ``C``), on the features' device.
     """
     rows, labels = as_pixel_rows(features, labels)
-    _check_labels(labels, num_classes, ignore_index)
+    if check_labels:
+        _check_labels(labels, num_classes, ignore_index)
     count, channels = rows.shape
     device = rows.device
     labels = labels.to(device)
@@ -122,7 +132,9 @@ def batch_stats(
     for start in range(0, count, _CHUNK_ROWS):
         chunk = normalise_rows(rows[start : start + _CHUNK_ROWS].to(torch.float64))
         sums.index_add_(0, index[start : start + _CHUNK_ROWS], chunk)
-    counts = torch.bincount(index, minlength=num_classes + 1).to(torch.float64)
+    # Exact for counts below 2**53, whatever the order of the additions; no host read, unlike bincount on CUDA.
+    counts = torch.zeros(num_classes + 1, dtype=torch.float64, device=device)
+    counts.index_add_(0, index, torch.ones(count, dtype=torch.float64, device=device))
     return torch.cat([sums[:num_classes], counts[:num_classes, None]], dim=1)
 
 
@@ -130,20 +142,22 @@ def batch_stats(
 class StepResult:
     """What one statistics update reports (global values, identical on every rank).
 
-    ``objective``: mean cosine similarity of the labelled pixel features to their class prototype *before*
-    the update (NaN when no pixel was labelled); ``counts``: ``[K]`` int64 labelled pixels per class;
-    ``labelled``: their total; ``updated``: ``[K]`` bool, classes whose prototype was recomputed.
+    ``objective``: 0-dim float64, mean cosine similarity of the labelled pixel features to their class
+    prototype *before* the update (NaN when no pixel was labelled); ``counts``: ``[K]`` int64 labelled pixels
+    per class; ``labelled``: 0-dim int64, their total; ``updated``: ``[K]`` bool, classes whose prototype
+    was recomputed. All stay on the prototypes' device: ``float(result.objective)`` reads one back (a host
+    sync on a GPU), so the trainer reads them on logging steps only.
     """
 
-    objective: float
+    objective: torch.Tensor
     counts: torch.Tensor
-    labelled: int
+    labelled: torch.Tensor
     updated: torch.Tensor
 
     def as_dict(self) -> dict[str, float]:
         """Python numbers for logging."""
         return {
-            "objective": self.objective,
+            "objective": float(self.objective),
             "labelled": float(self.labelled),
             "classes_used": float(int((self.counts > 0).sum())),
         }
@@ -210,8 +224,7 @@ class PrototypeState:
     def update(self, reduced: torch.Tensor, momentum: float) -> StepResult:
         """Apply one moving-average step from the REDUCED packed statistics ``[K, C+1]`` (see module doc).
 
-        Identical on every rank given the same reduced tensor; synchronises once with the device for the
-        Python numbers of the result.
+        Identical on every rank given the same reduced tensor; no host sync (the result holds device tensors).
         """
         if not 0.0 <= momentum < 1.0:
             raise ValueError(f"momentum must be in [0, 1), got {momentum}")
@@ -234,9 +247,9 @@ class PrototypeState:
         self.prototypes = torch.where(usable[:, None], directions, self.prototypes)
         self.step += 1
         return StepResult(
-            objective=float(objective),
+            objective=objective,
             counts=counts.round().to(torch.int64),
-            labelled=int(labelled.round()),
+            labelled=labelled.round().to(torch.int64),
             updated=usable,
         )
 
@@ -269,12 +282,14 @@ def stats_step(
     labels: torch.Tensor,
     momentum: float,
     ignore_index: int = IGNORE_INDEX,
+    check_labels: bool = True,
 ) -> StepResult:
     """One all-reduced statistics step: batch_stats -> ONE all_reduce_sum -> :meth:`PrototypeState.update`.
 
     Every rank must call it (with its own batch, possibly without any labelled pixel) equally often.
-    ``features`` ``[N, C]``/``[B, C, H, W]``, ``labels`` ``[N]``/``[B, H, W]`` with ``IGNORE_INDEX`` = ignore.
+    ``features`` ``[N, C]``/``[B, C, H, W]``, ``labels`` ``[N]``/``[B, H, W]`` with ``IGNORE_INDEX`` = ignore;
+    ``check_labels=False`` skips the label range check (see :func:`batch_stats`).
     """
-    packed = batch_stats(features, labels, state.num_classes, ignore_index)
+    packed = batch_stats(features, labels, state.num_classes, ignore_index, check_labels)
     distributed.all_reduce_sum(packed)
     return state.update(packed, momentum)

@@ -46,7 +46,15 @@ class GradientEngine:
         self.momentum = MomentumPrototypes(prototypes, em_cfg.ema_every, em_cfg.ema_max)
         self.gamma = float(em_cfg.focal_gamma)
         self.last_ema_decay: float | None = None
-        self.last_metrics: dict[str, float] = {}
+        self._last_weights_and_gains: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def last_metrics(self) -> dict[str, float]:
+        """The last step's focal-weight spread and head gains (:func:`step_metrics`); {} before any step.
+        Read on demand: on a GPU this reads device values back, so the trainer asks on logging steps only."""
+        if self._last_weights_and_gains is None:
+            return {}
+        return step_metrics(*self._last_weights_and_gains)
 
     @property
     def head(self) -> PrototypeHead:
@@ -71,10 +79,15 @@ class GradientEngine:
             (loss as a float, global pseudo-label counts per class ``[K]`` int64). The step's focal
             weights and head gains are left in :attr:`last_metrics` (see :func:`step_metrics`).
         """
+        loss, counts = self.step_on_device(features, labels)
+        return float(loss), counts
+
+    def step_on_device(self, features: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`step` without reading anything back: (detached 0-dim loss, counts ``[K]``) on the device."""
         loss, counts, weights = self.engine.step(features, labels, self.gamma)
         self.last_ema_decay = self.momentum.step(self.engine.head.weight)
-        self.last_metrics = step_metrics(weights, self.engine.head.gain)
-        return float(loss), counts
+        self._last_weights_and_gains = (weights.detach(), self.engine.head.gain.detach().clone())
+        return loss, counts
 
     def state_dict(self) -> dict[str, Any]:
         """Replicated state (rank 0 may write it); see :meth:`checkpoint_parts` for sharded engines."""

@@ -89,12 +89,16 @@ def _class_statistics(
     num_classes = logits.shape[1]
     with torch.no_grad():
         probs = logits.detach().float().softmax(dim=1)
-        positions = torch.tensor([probs[:, 0].numel()], dtype=torch.float64, device=logits.device)
-        if labels is None:
-            counts = torch.zeros(num_classes, dtype=torch.float64, device=logits.device)
-        else:
+        # A fill on the device, not a copy from the host (a blocking copy waits for the device).
+        positions = probs.new_full((1,), float(probs[:, 0].numel()), dtype=torch.float64)
+        counts = torch.zeros(num_classes + 1, dtype=torch.float64, device=logits.device)
+        if labels is not None:
+            # Ignored and out-of-range labels go to the dropped slot K. index_add_ of ones is exact and, unlike
+            # bincount or a boolean mask, needs no size from the device.
             flat = labels.reshape(-1).to(logits.device).long()
-            counts = torch.bincount(flat[flat != ignore_index], minlength=num_classes)[:num_classes].double()
+            flat = flat.masked_fill((flat == ignore_index) | (flat >= num_classes), num_classes)
+            counts.index_add_(0, flat, torch.ones(flat.shape, dtype=torch.float64, device=flat.device))
+        counts = counts[:num_classes]
         packed = torch.cat([probs.sum(dim=(0, 2, 3)).double(), positions, counts])
         if sync:
             distributed.all_reduce_sum(packed)
