@@ -1,4 +1,6 @@
-"""Reading WebDataset tar shards robustly: shard specs -> file lists, shard -> raw samples.
+"""Reading WebDataset tar shards robustly: shard specs -> shard lists, shard -> raw samples.
+
+Where the bytes come from (local files, HTTP, S3, ``pipe:``) is :mod:`primaps_dist.data.sources`' job.
 
 A raw sample is a dict ``{"__key__": str, "__shard__": str, "<ext>": bytes, ...}`` grouped by
 WebDataset's key rule (``webdataset.tariterators.base_plus_ext``: the key is the member name up to
@@ -10,18 +12,17 @@ block), which the streaming ``tarfile`` reader otherwise reports as a clean end.
 
 from __future__ import annotations
 
-import glob
-import os
 import tarfile
 from dataclasses import dataclass
 from typing import Iterator
 
-import braceexpand
 from webdataset.tariterators import base_plus_ext
 
-from primaps_dist.errors import ConfigError
+from primaps_dist.data import remote_cache, sources
+from primaps_dist.data.sources import ShardRef
 
 _BLOCK = 512
+_TAIL_BYTES = 64 * 1024  # more than tarfile reads ahead of the member it parses (its 10 KiB record)
 
 
 @dataclass(frozen=True)
@@ -37,68 +38,62 @@ class ShardProblem:
         return f"{where}: {self.reason}"
 
 
-def _expand_one(item: str) -> list[str]:
-    if os.path.isdir(item):
-        return sorted(os.path.join(item, name) for name in os.listdir(item) if name.endswith(".tar"))
-    if "{" in item and ".." in item:
-        return list(braceexpand.braceexpand(item))
-    if any(ch in item for ch in "*?["):
-        return sorted(path for path in glob.glob(item) if os.path.isfile(path))
-    return [item]
-
-
-def resolve_shards(spec: str | list[str] | tuple[str, ...], key: str) -> list[str]:
-    """Expand a shard spec into a list of existing .tar files.
+def resolve_shards(spec: str | list[str] | tuple[str, ...], key: str, data_cfg=None) -> list[ShardRef]:
+    """Expand a shard spec into the shards it names, checked to exist (see :mod:`.sources`).
 
     ``spec``: a directory (all ``*.tar`` in it, sorted), a glob, a brace pattern
-    ``dir/{000000..000009}.tar``, a single file, or a comma-separated list of these (or a Python list).
-    ``key`` names the config key in errors. Raises ConfigError when nothing matches or a named file
+    ``dir/{000000..000009}.tar``, a single file, a remote folder with an ``index.json``, remote URLs,
+    ``pipe:COMMAND``, or a comma-separated list of these (or a Python list). ``key`` names the config key in
+    errors; ``data_cfg`` (the ``data`` section) gives the remote transport settings. The result is a list of
+    :class:`ShardRef` (strings: the paths or URLs). Raises ConfigError when nothing matches or a named file
     is missing.
     """
-    items = list(spec) if isinstance(spec, (list, tuple)) else [part.strip() for part in str(spec).split(",")]
-    items = [item for item in items if item]
-    if not items:
-        raise ConfigError(key, "is empty; give a directory of .tar shards, a glob or a brace pattern")
-    shards: list[str] = []
-    for item in items:
-        expanded = _expand_one(os.path.expanduser(item))
-        missing = [path for path in expanded if not os.path.isfile(path)]
-        if missing:
-            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-            raise ConfigError(key, f"shard file not found: {missing[0]}{more}")
-        if not expanded:
-            raise ConfigError(key, f"{item!r} matches no .tar shards")
-        shards.extend(expanded)
-    return shards
+    return sources.resolve_shards(spec, data_cfg, key)
 
 
-def _archive_ends_cleanly(path: str, offset: int) -> bool:
-    """True when an end-of-archive marker (a zero block) follows the last member at ``offset``."""
-    try:
-        with open(path, "rb") as handle:
-            handle.seek(offset)
-            tail = handle.read(2 * _BLOCK)
-    except OSError:
-        return False
-    return len(tail) >= _BLOCK and not any(tail[:_BLOCK])
+class _TailKeepingReader:
+    """Passes ``read`` through, counting bytes and keeping the last ``_TAIL_BYTES`` of them, so that the
+    end-of-archive block after the last member can be checked on any stream (not only a seekable file)."""
+
+    def __init__(self, handle):
+        self._handle = handle
+        self.position = 0
+        self._tail = b""
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._handle.read(size)
+        self.position += len(data)
+        self._tail = (self._tail + data)[-_TAIL_BYTES:]
+        return data
+
+    def zero_block_at(self, offset: int) -> bool:
+        """True when a zero block (end-of-archive marker) starts at byte ``offset``."""
+        while self.position < offset + _BLOCK:
+            if not self.read(offset + _BLOCK - self.position):
+                return False
+        start = offset - (self.position - len(self._tail))
+        return start >= 0 and not any(self._tail[start : start + _BLOCK])
 
 
 def read_shard(path: str) -> Iterator[dict | ShardProblem]:
-    """Yield the raw samples of one shard in file order, and ShardProblems for what is broken.
+    """Yield the raw samples of one shard (a local path, URL or ShardRef) in file order, and ShardProblems for
+    what is broken.
 
     A truncated shard yields its complete samples, then one ShardProblem (the sample being read when
-    the data ended is dropped, never handed out half). An empty or unreadable shard yields one problem.
+    the data ended is dropped, never handed out half). An empty or unreadable shard, a missing remote one
+    (404) or one whose server failed on every retry yields one problem.
     """
     try:
-        handle = open(path, "rb")
+        handle = remote_cache.open_shard(path)
     except OSError as err:
         yield ShardProblem(path, None, f"cannot open shard ({err.strerror or err})")
         return
     pending: dict | None = None
     members = 0
     with handle:
+        reader = _TailKeepingReader(handle)
         try:
-            with tarfile.open(fileobj=handle, mode="r|") as stream:
+            with tarfile.open(fileobj=reader, mode="r|") as stream:
                 for info in stream:
                     if not info.isreg():
                         continue
@@ -121,6 +116,13 @@ def read_shard(path: str) -> Iterator[dict | ShardProblem]:
                         continue
                     pending[suffix] = data
                 end_offset = stream.offset
+            ends_cleanly = reader.zero_block_at(end_offset)
+        except (FileNotFoundError, PermissionError) as err:
+            if members == 0:
+                yield ShardProblem(path, None, f"cannot open shard ({err.strerror or err})")
+            else:
+                yield ShardProblem(path, pending["__key__"] if pending else None, f"read failed ({err})")
+            return
         except (tarfile.TarError, EOFError, OSError, ValueError) as err:
             if members == 0 and "empty file" in str(err):
                 yield ShardProblem(path, None, "empty shard (0 bytes)")
@@ -128,7 +130,7 @@ def read_shard(path: str) -> Iterator[dict | ShardProblem]:
                 key = pending["__key__"] if pending else None
                 yield ShardProblem(path, key, f"truncated or corrupt tar ({str(err).split(' @ ')[0]})")
             return
-    if not _archive_ends_cleanly(path, end_offset):
+    if not ends_cleanly:
         key = pending["__key__"] if pending else None
         yield ShardProblem(path, key, "truncated tar (no end-of-archive marker)")
         return
