@@ -303,6 +303,7 @@ class _ShardSink:
         self.out = out
         self.shard_size = shard_size
         self.counts: list[int] = []
+        self.sizes: list[int] = []  # bytes per finished shard (the index lists them for remote readers)
         self._file = None
         self._writer = None
         self._temp: Path | None = None
@@ -329,7 +330,9 @@ class _ShardSink:
             return
         self._writer.close()
         self._file.close()
-        os.replace(self._temp, self.out / f"{len(self.counts) - 1:06d}.tar")
+        final = self.out / f"{len(self.counts) - 1:06d}.tar"
+        os.replace(self._temp, final)
+        self.sizes.append(final.stat().st_size)
         self._writer = self._file = self._temp = None
 
     def close(self) -> list[str]:
@@ -463,7 +466,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     index = {
         "format": INDEX_FORMAT,
         "num_samples": int(sum(sink.counts)),
-        "shards": [{"name": name, "num_samples": count} for name, count in zip(shard_names, sink.counts)],
+        "shards": [
+            {"name": name, "num_samples": count, "num_bytes": size}
+            for name, count, size in zip(shard_names, sink.counts, sink.sizes)
+        ],
         "shard_size": args.shard_size,
         "seed": args.seed,
         "preset": args.preset,
