@@ -44,6 +44,8 @@ __all__ = [
     "get_rank",
     "get_world_size",
     "all_reduce_sum",
+    "ride_along",
+    "take_rider",
     "broadcast",
     "all_gather_object",
     "barrier",
@@ -227,9 +229,40 @@ def _backend_device_copy(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.contiguous()
 
 
+_RIDER: dict[str, torch.Tensor | None] = {"pending": None, "reduced": None}
+
+
+def ride_along(values: torch.Tensor) -> None:
+    """Sum ``values`` (float64 ``[n]``) over the ranks inside the next float64 :func:`all_reduce_sum`, as n more
+    elements of that one collective (no collective of its own); :func:`take_rider` gives the sums. Every rank
+    must call it at the same point of the same code path (the trainer: once per step, for the stop flag)."""
+    _RIDER["pending"] = values.detach().to(torch.float64).reshape(-1)
+    _RIDER["reduced"] = None
+
+
+def take_rider() -> torch.Tensor | None:
+    """The summed values of the last :func:`ride_along`, or None when no collective carried them yet (the
+    pending values are then dropped: call :func:`all_reduce_sum` on them yourself)."""
+    reduced = _RIDER["reduced"]
+    _RIDER["pending"] = _RIDER["reduced"] = None
+    return reduced
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum ``tensor`` over all ranks, in place; returns it. No-op with one process."""
     _COUNTS["all_reduce_sum"] += 1
+    rider = _RIDER["pending"]
+    if rider is not None and tensor.dtype == torch.float64:
+        _RIDER["pending"] = None
+        packed = torch.cat([tensor.reshape(-1), rider.to(tensor.device, non_blocking=True)])
+        if is_distributed():
+            with guard_collective("all_reduce_sum"):
+                work = _backend_device_copy(packed)
+                dist.all_reduce(work, op=dist.ReduceOp.SUM)
+                packed = work
+        tensor.copy_(packed[: tensor.numel()].reshape(tensor.shape))
+        _RIDER["reduced"] = packed[tensor.numel():]
+        return tensor
     if not is_distributed():
         return tensor
     with guard_collective("all_reduce_sum"):

@@ -43,7 +43,7 @@ from primaps_dist import distributed as dist
 from primaps_dist.backbones import build_backbone
 from primaps_dist.config import Config, flatten, load_config, save_config
 from primaps_dist.crf import crf_from_config
-from primaps_dist.data.loader import collect_state, make_train_loader
+from primaps_dist.data.loader import collect_state, make_train_loader, merge_states
 from primaps_dist.diagnostics import DiagnosticsWindow, HealthMonitor
 from primaps_dist.em import gradient as em_gradient
 from primaps_dist.em.pca import CovarianceAccumulator
@@ -142,7 +142,7 @@ class Trainer:
         self.stop = StopFlag()
         self.K = cfg.data.num_classes
 
-        self.backbone = backbone if backbone is not None else build_backbone(cfg.backbone, self.device)
+        self.backbone = backbone if backbone is not None else _build_backbone_node_first(cfg, env, self.device)
         self.loader = loader
         self.tracker = tracker
         self.C = self.backbone.out_channels
@@ -166,10 +166,24 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------------------
 
+    def choose_checkpoint(self) -> Path | None:
+        """The checkpoint to resume from: rank 0 picks the newest, every rank gets rank 0's choice, and if any
+        rank cannot read that folder (a node-local output dir) all stop with one line. Collective."""
+        latest = ckpt.find_latest(self.ckpt_dir) if self.env.is_master else None
+        chosen = dist.all_gather_object(str(latest) if latest is not None else None)[0]
+        if chosen is None:
+            return None
+        visible = dist.all_gather_object((Path(chosen) / "checkpoint.pt").is_file())
+        blind = [rank for rank, seen in enumerate(visible) if not seen]
+        if blind:
+            raise UserError(f"train.output_dir: rank(s) {', '.join(map(str, blind))} cannot see the checkpoint {chosen} "
+                            "that rank 0 resumes from; train.output_dir must be a folder every node shares")
+        return Path(chosen)
+
     def resume(self) -> None:
         if not self.cfg.checkpoint.resume:
             return
-        latest = ckpt.find_latest(self.ckpt_dir)
+        latest = self.choose_checkpoint()
         if latest is None:
             return
         saved = load_train_state(latest)
@@ -180,7 +194,7 @@ class Trainer:
         self.skipped_total = saved.skipped_total
         self.baseline_prototypes = saved.kmeans_prototypes
         rank, world_size = self.env.rank, self.env.world_size
-        self.loader_state = saved.rank_part(saved.loader_states, rank, world_size)
+        self.loader_state = saved.data_position  # global: valid on any number of ranks
         generator_state = saved.rank_part(saved.student_generators, rank, world_size)
         if generator_state is not None:
             self.student_generator.set_state(generator_state)
@@ -204,7 +218,7 @@ class Trainer:
             num_classes=self.K,
             world_size=self.env.world_size,
             em_state=self.state.state_dict(),
-            loader_states=dist.all_gather_object(self.loader_state),
+            data_position=merge_states(dist.all_gather_object(self.loader_state)),
             student_generators=dist.all_gather_object(self.student_generator.get_state()),
             skipped_total=self.skipped_total,
             mlflow_run_id=self.mlflow_run_id or "",
@@ -225,6 +239,27 @@ class Trainer:
         if self.env.is_master:
             log.info("saved checkpoint %s", path)
         return path
+
+    # -- control: skipped samples and stop requests, without a collective of their own --------------------
+
+    def _fold_control(self, reduced: torch.Tensor | None, local: torch.Tensor, window: dict[str, float]) -> bool:
+        """Fold one step's control values in; True when a rank asked to stop. ``reduced``: the sums the step's
+        all-reduce carried, or None when the step had none (PCA): ``local`` then waits for the logging step."""
+        if reduced is None:
+            window["skipped"] += float(local[0])
+            window["unreduced"] += 1
+            return False
+        values = reduced.cpu()
+        self.skipped_total += int(values[0])
+        return bool(values[1] > 0)
+
+    def _reduce_window(self, window: dict[str, float]) -> bool:
+        """One explicit collective for the control values no step carried (PCA stage only)."""
+        control = torch.tensor([window["skipped"], float(self.stop.requested)], dtype=torch.float64)
+        dist.all_reduce_sum(control)
+        self.skipped_total += int(control[0])
+        window["skipped"], window["unreduced"] = 0.0, 0
+        return bool(control[1] > 0)
 
     # -- stages ------------------------------------------------------------------------------------------
 
@@ -351,11 +386,14 @@ class Trainer:
                 seed=cfg.train.seed,
                 start_step=self.step,
                 resume_state=self.loader_state,
+                as_uint8=True,  # converted on the device; pinned for non-blocking copies
+                pin_memory=self.device.type == "cuda",
             )
         batches = iter(loader)
         progress = _progress_bar(self.env.is_master, self.stages.total, self.step)
         timer = StepTimer()
-        window_steps, window_images, window_start, window_skipped = 0, 0, time.perf_counter(), 0
+        window_steps, window_images, window_start = 0, 0, time.perf_counter()
+        window = {"skipped": 0.0, "unreduced": 0}  # control values of steps whose collective did not carry them
         status, exit_code = "FINISHED", 0
         try:
             while self.step < self.stages.total:
@@ -366,8 +404,12 @@ class Trainer:
                 batch = next(batches)
                 if "state" in batch:  # an injected loader may have no stream position to checkpoint
                     self.loader_state = collect_state(batch, self.loader_state)
-                window_skipped += int(batch.get("skipped", 0))
+                # The skipped count and the stop flag ride in the step's own all-reduce (no collective of their own).
+                control = torch.tensor([float(batch.get("skipped", 0)), float(self.stop.requested)], dtype=torch.float64)
+                dist.ride_along(control)
                 images = batch["image"].to(self.device, non_blocking=True)
+                if images.dtype == torch.uint8:
+                    images = images.float().div_(255.0)
                 timer.lap("data", self.device)
                 features = self.backbone(images)
                 timer.lap("backbone", self.device)
@@ -387,13 +429,10 @@ class Trainer:
                 progress.update(1)
 
                 at_log = self.step % cfg.train.log_every == 0 or self.step == self.stages.total
+                stop_now = self._fold_control(dist.take_rider(), control, window)
+                if at_log and window["unreduced"]:  # steps without an all-reduce of their own (PCA stage)
+                    stop_now = self._reduce_window(window) or stop_now
                 if at_log:
-                    # One small control collective per logging window: corrupt-sample totals and stop requests.
-                    control = torch.tensor([float(window_skipped), float(self.stop.requested)], dtype=torch.float64)
-                    dist.all_reduce_sum(control)
-                    self.skipped_total += int(control[0])
-                    window_skipped = 0
-                    stop_now = bool(control[1] > 0)
                     elapsed = time.perf_counter() - window_start
                     rate = window_images * env.world_size / max(elapsed, 1e-9)
                     times = timer.pop()
@@ -413,15 +452,15 @@ class Trainer:
                         split = " ".join(f"{name}={1000 * seconds / window_steps:.0f}ms" for name, seconds in times.items())
                         log.info("step %d/%d %s %.1f img/s | %s", self.step, self.stages.total, stage, rate, split)
                     window_steps, window_images, window_start = 0, 0, time.perf_counter()
-                    if stop_now:
-                        # Before the PCA finishes there is nothing to keep: a resumed job redoes the PCA.
-                        if self.step >= self.stages.pca_end:
-                            self.save()
-                            log.warning("stopped at step %d on request; checkpoint written", self.step)
-                        else:
-                            log.warning("stopped at step %d on request, during the PCA stage (redone on resume)", self.step)
-                        status, exit_code = "KILLED", EXIT_PREEMPTED
-                        break
+                if stop_now:  # seen at the step after the signal (at the logging step during the PCA stage)
+                    # Before the PCA finishes there is nothing to keep: a resumed job redoes the PCA.
+                    if self.step >= self.stages.pca_end:
+                        self.save()
+                        log.warning("stopped at step %d on request; checkpoint written", self.step)
+                    else:
+                        log.warning("stopped at step %d on request, during the PCA stage (redone on resume)", self.step)
+                    status, exit_code = "KILLED", EXIT_PREEMPTED
+                    break
                 if self.step >= self.stages.pca_end and (
                     self.step % cfg.checkpoint.every_steps == 0 or self.step == self.stages.total
                 ):
@@ -435,6 +474,14 @@ class Trainer:
             progress.close()
             tracker.finish(status)
         return exit_code
+
+
+def _build_backbone_node_first(cfg: Config, env: dist.DistEnv, device: torch.device) -> torch.nn.Module:
+    """Local rank 0 of each node builds the backbone first (fetching its weights into the node's cache), the
+    other ranks wait at a barrier and then load from that cache."""
+    backbone = build_backbone(cfg.backbone, device) if env.local_rank == 0 else None
+    dist.barrier()
+    return backbone if backbone is not None else build_backbone(cfg.backbone, device)
 
 
 def _progress_bar(enabled: bool, total: int, start: int):

@@ -25,7 +25,7 @@ from primaps_dist.errors import UserError
 
 __all__ = ["SCHEMA_VERSION", "BackboneRecord", "TrainState", "load_train_state"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: one global data position (data_position) instead of one loader state per rank
 VERSION_KEY = "schema_version"
 
 
@@ -47,7 +47,8 @@ class TrainState:
     step: global steps done; stage: the stage of the last step done (``pca``, ``kmeans`` or ``em``).
     config: the resolved config (:meth:`Config.to_dict`).
     em_state: :meth:`PrototypeState.state_dict` (prototypes, moving statistics M [K, C], W [K], step).
-    loader_states: one data-stream position per rank (:func:`primaps_dist.data.loader.collect_state`).
+    data_position: the global position of the training stream, valid on any number of ranks
+        (:func:`primaps_dist.data.loader.merge_states`), or None (an injected loader without positions).
     student_generators: one [N] uint8 ``torch.Generator`` state per rank (photometric views).
     kmeans_prototypes: [K, C] K-means result kept to report the baseline, or None before it exists.
     gradient_state: :meth:`GradientEngine.state_dict` in ``gradient`` mode, else None.
@@ -62,7 +63,7 @@ class TrainState:
     num_classes: int
     world_size: int
     em_state: dict[str, torch.Tensor]
-    loader_states: list[Any]
+    data_position: dict[str, Any] | None
     student_generators: list[torch.Tensor]
     skipped_total: int = 0
     mlflow_run_id: str = ""
@@ -137,7 +138,7 @@ class TrainState:
             )
 
     def rank_part(self, parts: list[Any], rank: int, world_size: int) -> Any | None:
-        """Rank ``rank``'s entry of a per-rank list (``loader_states``, ``student_generators``), or None when
+        """Rank ``rank``'s entry of a per-rank list (``student_generators``), or None when
         the saved run had another world size than ``world_size`` (that part then starts afresh)."""
         return parts[rank] if world_size == self.world_size else None
 
@@ -161,9 +162,10 @@ def _check_types(values: dict[str, Any], where: str) -> None:
     backbone = values["backbone"]
     if not isinstance(backbone, dict) or not {"name", "layers", "channels"} <= set(backbone):
         raise bad("backbone", "a dict with name, layers and channels")
-    for name in ("loader_states", "student_generators"):
-        if not isinstance(values[name], list) or len(values[name]) != values["world_size"]:
-            raise bad(name, "a list with one entry per rank")
+    if not isinstance(values["student_generators"], list) or len(values["student_generators"]) != values["world_size"]:
+        raise bad("student_generators", "a list with one entry per rank")
+    if values["data_position"] is not None and not isinstance(values["data_position"], dict):
+        raise bad("data_position", "a dict or None")
     for name in ("kmeans_prototypes", "gradient_state"):
         if values[name] is None:
             continue

@@ -33,7 +33,7 @@ def make_state(world_size: int = 2, seed: int = 0, **changes) -> TrainState:
         em_state={"prototypes": torch.randn(K, C, generator=generator),
                   "M": torch.randn(K, C, generator=generator, dtype=torch.float64),
                   "W": torch.rand(K, generator=generator, dtype=torch.float64), "step": torch.tensor(4)},
-        loader_states=[{"version": 1, "batches": 12 + rank, "workers": {"0": [rank, 3]}} for rank in range(world_size)],
+        data_position={"version": 2, "step": 12, "positions": {str(s): [s, 3] for s in range(4)}},
         student_generators=[torch.Generator().manual_seed(rank).get_state() for rank in range(world_size)],
         skipped_total=3,
         mlflow_run_id="abc",
@@ -69,7 +69,7 @@ def test_round_trip_through_a_checkpoint(tmp_path):
     state = make_state(gradient_state={"engine": {"head": {"weight": torch.ones(K, C)}}, "sharded_subdir": ""})
     folder = save(state, tmp_path)
     raw = torch.load(folder / "checkpoint.pt", weights_only=True)  # any reader can load it
-    assert raw["schema_version"] == SCHEMA_VERSION == 1
+    assert raw["schema_version"] == SCHEMA_VERSION == 2
     assert raw["backbone"] == {"name": "efficientnet_lite0", "layers": [], "channels": C}
     assert raw["step"] == 12 and raw["world_size"] == 2 and raw["mlflow_run_id"] == "abc"
     loaded = load_train_state(tmp_path)
@@ -80,8 +80,9 @@ def test_round_trip_through_a_checkpoint(tmp_path):
 
 def test_rank_parts_only_for_the_same_world_size():
     state = make_state(world_size=2)
-    assert state.rank_part(state.loader_states, 1, 2)["batches"] == 13
-    assert state.rank_part(state.loader_states, 0, 4) is None  # another world size: start the stream afresh
+    assert torch.equal(state.rank_part(state.student_generators, 1, 2), torch.Generator().manual_seed(1).get_state())
+    assert state.rank_part(state.student_generators, 0, 4) is None  # another world size: a fresh generator
+    assert state.data_position["step"] == 12  # the data position is global: it serves any world size
 
 
 def test_payload_without_schema_version_is_refused_in_one_line(tmp_path):
@@ -96,9 +97,9 @@ def test_payload_without_schema_version_is_refused_in_one_line(tmp_path):
 
 def test_payload_of_another_version_is_refused_in_one_line(tmp_path):
     payload = make_state().to_payload()
-    payload["schema_version"] = 2
+    payload["schema_version"] = 3
     folder = save(make_state(), tmp_path, payload)
-    with pytest.raises(UserError, match=r"has schema_version 2, but this primaps-dist reads schema_version 1 only"):
+    with pytest.raises(UserError, match=r"has schema_version 3, but this primaps-dist reads schema_version 2 only"):
         load_train_state(folder)
 
 
@@ -107,7 +108,8 @@ def test_payload_of_another_version_is_refused_in_one_line(tmp_path):
     [
         (lambda p: p.pop("em_state"), "lacks 'em_state'"),
         (lambda p: p.update(step=12.0), "'step' is not an integer"),
-        (lambda p: p.update(loader_states=[None]), "'loader_states' is not a list with one entry per rank"),
+        (lambda p: p.update(student_generators=[None]), "'student_generators' is not a list with one entry per rank"),
+        (lambda p: p.update(data_position=[None]), "'data_position' is not a dict or None"),
         (lambda p: p.update(backbone={"name": "x"}), "'backbone' is not a dict with name, layers and channels"),
         (lambda p: p.update(kmeans_prototypes=[1.0]), "'kmeans_prototypes' is not a tensor or None"),
     ],

@@ -150,7 +150,7 @@ def test_three_steps_in_process_equal_the_hand_computation(tmp_path, mode):
     saved = load_train_state(tmp_path / "run")  # the final step is always checkpointed
     assert saved.step == 3 and saved.stage == "em" and saved.world_size == 1
     assert torch.equal(saved.prototypes, prototypes) and torch.equal(saved.kmeans_prototypes, baseline)
-    assert saved.loader_states == [None]  # the injected loader has no stream position
+    assert saved.data_position is None  # the injected loader has no stream position
     assert saved.mlflow_run_id == "recorded-run" and (saved.gradient_state is not None) == (mode == "gradient")
 
     assert len(tracker.started) == 1 and tracker.started[0]["em.mode"] == mode
