@@ -5,6 +5,9 @@ PY := $(VENV)/bin/python
 # torch/torchvision pair that timm needs; override on other machines, e.g. make install TORCH_SPEC="torch torchvision"
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
+# two test processes (pytest-xdist; tests that share a resource are grouped in tests/conftest.py);
+# serial: make test PYTEST_XDIST=
+PYTEST_XDIST ?= -n 2 --dist loadgroup
 DEMO_DIR ?= demo_out
 NPROC ?= 2
 DEMO_DATA_ARGS ?=
@@ -51,10 +54,10 @@ system-deps:
 	fi
 
 test: install
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(PYTEST_XDIST) $(PYTEST_ARGS)
 
 test-fast: install
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow" $(PYTEST_XDIST) $(PYTEST_ARGS)
 
 bench: install
 	@for script in bench/bench_*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
