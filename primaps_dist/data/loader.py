@@ -261,7 +261,7 @@ def make_train_loader(
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} must be in [0, world_size={world_size})")
-    shards = resolve_shards(data_cfg.train_shards, "data.train_shards")
+    shards = resolve_shards(data_cfg.train_shards, "data.train_shards", data_cfg)
     sample_bytes = data_cfg.crop_size**2 * (4 if with_labels else 3) + 256
     layout = make_layout(data_cfg, world_size, sample_bytes)
     counts = shard_sample_counts(shards)
@@ -445,7 +445,7 @@ def make_eval_loader(
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} must be in [0, world_size={world_size})")
     key = shards_key or ("data.val_shards" if shards is None else "shards")
-    resolved = resolve_shards(data_cfg.val_shards if shards is None else shards, key)
+    resolved = resolve_shards(data_cfg.val_shards if shards is None else shards, key, data_cfg)
     if resize_short and resize_short < data_cfg.crop_size:
         raise ConfigError(
             "eval.resize_short", f"must be 0 or >= data.crop_size ({data_cfg.crop_size}), got {resize_short}"

@@ -82,17 +82,28 @@ def count_tar_samples(path: str) -> int:
     return count
 
 
+def _count_by_reading(shard: str) -> int:
+    from .shardio import read_shard
+
+    return sum(isinstance(item, dict) for item in read_shard(shard))
+
+
 def shard_sample_counts(shards: list[str] | tuple[str, ...]) -> list[int]:
-    """Samples per shard: make-shards' ``index.json`` next to the shards when it lists them, else a header
-    scan of each local shard (:func:`count_tar_samples`)."""
+    """Samples per shard: the data-set index's count carried by a :class:`~.sources.ShardRef`, else make-shards'
+    ``index.json`` next to local shards, else a header scan of a local shard (:func:`count_tar_samples`), else
+    (a remote shard or ``pipe:`` without an index) one full read of the shard."""
     by_folder: dict[str, dict[str, int]] = {}
     counts = []
     for shard in shards:
-        folder, name = os.path.split(shard)
-        if folder not in by_folder:
-            by_folder[folder] = _index_counts(folder) if "://" not in folder else {}
-        known = by_folder[folder].get(name)
-        counts.append(known if known is not None else count_tar_samples(shard))
+        known = getattr(shard, "n_samples", None)
+        if known is None and os.path.isfile(str(shard)):
+            folder, name = os.path.split(str(shard))
+            if folder not in by_folder:
+                by_folder[folder] = _index_counts(folder)
+            known = by_folder[folder].get(name)
+            if known is None:
+                known = count_tar_samples(str(shard))
+        counts.append(int(known) if known is not None else _count_by_reading(shard))
     return counts
 
 

@@ -20,6 +20,7 @@ from primaps_dist.errors import UserError
 from primaps_dist.labels import IGNORE_INDEX
 
 from .order import Layout, crop_rng, shard_of_slot, visit_order
+from .remote_cache import prefetch_shards
 from .shardio import ShardProblem, read_shard
 from .transforms import SampleError, decode_sample, train_crop_box
 
@@ -135,6 +136,8 @@ def stream_events(
         slot = stream + visit * layout.streams
         shard_index = shard_of_slot(spec.seed, spec.salt, slot, len(spec.shards))
         path, count = spec.shards[shard_index], spec.counts[shard_index]
+        following = spec.shards[shard_of_slot(spec.seed, spec.salt, slot + layout.streams, len(spec.shards))]
+        prefetch_shards([following])  # remote shards: the next visit downloads while this one is read
         if count == 0:
             if emitted == 0:  # an empty or unreadable shard: its problems are counted once per visit
                 opened(path)
