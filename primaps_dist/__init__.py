@@ -6,3 +6,14 @@ Pipeline (one training step): WebDataset shards -> ``data`` -> frozen ``backbone
 """
 
 __version__ = "0.1.0"
+
+__all__ = ["Segmenter"]
+
+
+def __getattr__(name: str):
+    """``from primaps_dist import Segmenter`` without importing torch for every ``primaps_dist`` import."""
+    if name == "Segmenter":
+        from primaps_dist.segmenter import Segmenter
+
+        return Segmenter
+    raise AttributeError(f"module 'primaps_dist' has no attribute {name!r}")

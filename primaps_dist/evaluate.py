@@ -4,7 +4,7 @@
     torchrun --nproc_per_node=2 -m primaps_dist.evaluate ...                  # the confusion matrix is all-reduced
 
 Resize the short side, centre-crop, predict ``argmax_k <mu_k, f>`` per pixel (optionally CRF-refined and with
-horizontal-flip averaging of the features; :func:`primaps_dist.prototypes.predict_clusters`), accumulate one K x K confusion matrix over the whole split, match
+horizontal-flip averaging of the features; :meth:`primaps_dist.Segmenter.segment`, the rule ``predict`` uses), accumulate one K x K confusion matrix over the whole split, match
 clusters to classes with the Hungarian algorithm, report pixel accuracy, mIoU and per-class IoU. The checkpoint
 given is the one reported: evaluation never selects checkpoints.
 """
@@ -27,7 +27,6 @@ from primaps_dist.config import Config, resolve_run_config
 from primaps_dist.errors import UserError, run_cli
 from primaps_dist.labels import IGNORE_INDEX
 from primaps_dist.metrics import confusion_matrix, hungarian_scores
-from primaps_dist.prototypes import predict_clusters
 from primaps_dist.runtime import setup_logging
 from primaps_dist.train_state import load_train_state
 
@@ -43,12 +42,9 @@ class EvalResult:
 
 def eval_crf(cfg: Config):
     """The CRF that ``eval.crf`` asks for (``crf`` section parameters, ``eval.crf_downsample``), or None."""
-    if not cfg.eval.crf:
-        return None
-    from primaps_dist.crf import crf_from_config
+    from primaps_dist.segmenter.core import evaluation_crf
 
-    # eval.crf asks for a CRF: force=True gives the torch backend where crf.backend is none.
-    return crf_from_config(cfg.crf, downsample=cfg.eval.crf_downsample, force=True)
+    return evaluation_crf(cfg)
 
 
 def evaluate_prototypes(
@@ -64,7 +60,9 @@ def evaluate_prototypes(
     """Run the protocol on ``shards`` (default ``data.val_shards``); collective: every rank must call it."""
     from primaps_dist.data.loader import make_eval_loader
 
-    crf_fn = eval_crf(cfg)
+    from primaps_dist.segmenter import Segmenter
+
+    segmenter = Segmenter.from_parts(cfg, backbone, prototypes, device=device)
     K = cfg.data.num_classes
     confusion = torch.zeros(K, K, dtype=torch.int64)
     overlays: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
@@ -77,7 +75,7 @@ def evaluate_prototypes(
         for batch in loader:
             images = batch["image"].to(device)
             targets = batch["label"]
-            prediction = predict_clusters(backbone, prototypes, images, flip=cfg.eval.flip, crf_fn=crf_fn)
+            prediction = segmenter.segment(images)  # the rule predict, export and MLflow use too
             prediction = prediction.cpu()
             confusion += confusion_matrix(prediction.reshape(-1), targets.reshape(-1), K)
             num_images += images.shape[0]
