@@ -44,6 +44,7 @@ from primaps_dist.backbones import build_backbone
 from primaps_dist.config import Config, flatten, load_config, save_config
 from primaps_dist.crf import crf_from_config
 from primaps_dist.data.loader import collect_state, make_train_loader, merge_states
+from primaps_dist.data.sources import check_shard_sources
 from primaps_dist.diagnostics import DiagnosticsWindow, HealthMonitor
 from primaps_dist.em import gradient as em_gradient
 from primaps_dist.em.pca import CovarianceAccumulator
@@ -504,6 +505,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     cfg = load_config(args.config, args.overrides)
+    # Every shard path or URL (train and val) before the process group, the backbone or an MLflow run:
+    # a typo is one line now, not after a model download, a database migration or a whole training run.
+    check_shard_sources(cfg.data)
     env = dist.init_distributed(cfg.dist, cfg.train.device)
     setup_logging(env.rank)
     torch.manual_seed(cfg.train.seed)

@@ -62,6 +62,7 @@ class DataConfig:
     s3_profile: str = ""  # a profile of ~/.aws/credentials instead of the AWS_* variables
     remote_retries: int = 5  # attempts per remote read before a shard counts as unusable
     remote_backoff_s: float = 1.0  # first wait between attempts; doubles up to 30 s
+    remote_timeout_s: float = 60.0  # a connection that sends nothing this long counts as a failed attempt
     num_classes: int = 27  # K: number of prototypes and of ground-truth classes
     crop_size: int = 320  # square crop side in pixels; a multiple of the backbone stride
     train_scale: list[float] = field(default_factory=lambda: [1.0, 1.5])  # short side / crop, sampled uniformly
@@ -93,6 +94,7 @@ class DataConfig:
         _require(self.cache_limit_gb > 0, f"{prefix}.cache_limit_gb", f"must be > 0, got {self.cache_limit_gb}")
         _require(self.remote_retries >= 1, f"{prefix}.remote_retries", f"must be >= 1, got {self.remote_retries}")
         _require(self.remote_backoff_s >= 0, f"{prefix}.remote_backoff_s", f"must be >= 0, got {self.remote_backoff_s}")
+        _require(self.remote_timeout_s > 0, f"{prefix}.remote_timeout_s", f"must be > 0, got {self.remote_timeout_s}")
         _require(self.shuffle_buffer >= 0, f"{prefix}.shuffle_buffer", f"must be >= 0, got {self.shuffle_buffer}")
         _require(self.shuffle_buffer_mb >= 0, f"{prefix}.shuffle_buffer_mb",
                  f"must be >= 0, got {self.shuffle_buffer_mb}")

@@ -86,7 +86,7 @@ def read_shard(path: str) -> Iterator[dict | ShardProblem]:
     try:
         handle = remote_cache.open_shard(path)
     except OSError as err:
-        yield ShardProblem(path, None, f"cannot open shard ({err.strerror or err})")
+        yield ShardProblem(path, None, f"cannot open shard ({err.strerror or sources.describe_error(err)})")
         return
     pending: dict | None = None
     members = 0
@@ -118,10 +118,11 @@ def read_shard(path: str) -> Iterator[dict | ShardProblem]:
                 end_offset = stream.offset
             ends_cleanly = reader.zero_block_at(end_offset)
         except (FileNotFoundError, PermissionError) as err:
+            reason = err.strerror or sources.describe_error(err)
             if members == 0:
-                yield ShardProblem(path, None, f"cannot open shard ({err.strerror or err})")
+                yield ShardProblem(path, None, f"cannot open shard ({reason})")
             else:
-                yield ShardProblem(path, pending["__key__"] if pending else None, f"read failed ({err})")
+                yield ShardProblem(path, pending["__key__"] if pending else None, f"read failed ({reason})")
             return
         except (tarfile.TarError, EOFError, OSError, ValueError) as err:
             if members == 0 and "empty file" in str(err):

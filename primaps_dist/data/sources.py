@@ -56,6 +56,7 @@ class Transport:
     s3_profile: str = ""
     retries: int = 5
     backoff_s: float = 1.0
+    timeout_s: float = 60.0
     cache_dir: str = ""
     cache_limit_bytes: int = 0
 
@@ -68,6 +69,7 @@ class Transport:
             s3_profile=getattr(data_cfg, "s3_profile", ""),
             retries=int(getattr(data_cfg, "remote_retries", 5)),
             backoff_s=float(getattr(data_cfg, "remote_backoff_s", 1.0)),
+            timeout_s=float(getattr(data_cfg, "remote_timeout_s", 60.0)),
             cache_dir=os.path.expanduser(getattr(data_cfg, "cache_dir", "") or ""),
             cache_limit_bytes=int(float(getattr(data_cfg, "cache_limit_gb", 50.0)) * 2**30),
         )
@@ -126,22 +128,39 @@ def filesystem(url: str, transport: Transport):
 
     scheme = url_scheme(url)
     options: dict[str, Any] = {}
-    if scheme == "s3":
+    if scheme in ("http", "https"):
+        import aiohttp
+
+        # No total limit (a large shard may take long); a silent server fails the attempt.
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=transport.timeout_s, sock_read=transport.timeout_s)
+        options["client_kwargs"] = {"timeout": timeout}
+    elif scheme == "s3":
         endpoint = (transport.s3_endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3")
                     or os.environ.get("AWS_ENDPOINT_URL"))
         if endpoint:
             options["endpoint_url"] = endpoint
         if transport.s3_profile:
             options["profile"] = transport.s3_profile
-        options["skip_instance_cache"] = False
+        # Retries are ours (with the URL in the message); botocore's own would multiply them.
+        options["config_kwargs"] = {"connect_timeout": transport.timeout_s, "read_timeout": transport.timeout_s,
+                                    "retries": {"max_attempts": 1}}
     try:
         return fsspec.core.url_to_fs(url, **options)
     except ImportError as err:
         raise UserError(f"{url}: {scheme}:// needs a package that is not installed ({err})") from None
 
 
+def _root_cause(err: BaseException) -> BaseException:
+    """fsspec's HTTP layer reports an unreachable server as FileNotFoundError(url) *from* the connection
+    error: the cause is what happened."""
+    if isinstance(err, FileNotFoundError) and err.__cause__ is not None:
+        return err.__cause__
+    return err
+
+
 def is_permanent(err: BaseException) -> bool:
     """Errors that another attempt cannot fix: not found, access denied, a bad request."""
+    err = _root_cause(err)
     if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, UserError)):
         return True
     status = getattr(err, "status", None)
@@ -149,6 +168,7 @@ def is_permanent(err: BaseException) -> bool:
 
 
 def describe_error(err: BaseException) -> str:
+    err = _root_cause(err)
     status = getattr(err, "status", None)
     if isinstance(err, FileNotFoundError) or status == 404:
         return "not found (404)"
@@ -168,9 +188,10 @@ def with_retries(url: str, transport: Transport, action: Callable[[], Any], what
             if is_permanent(err):
                 raise
             if attempt + 1 >= transport.retries:
-                message = f"{url}: gave up after {transport.retries} attempts to {what} ({describe_error(err)})"
-                log.warning("%s", message)
-                raise RemoteUnavailable(message) from None
+                # The caller reports it (one line, exit 2 at start): no second line here.
+                raise RemoteUnavailable(
+                    f"{url}: gave up after {transport.retries} attempts to {what} ({describe_error(err)})"
+                ) from None
             wait = transport.backoff(attempt)
             log.info("%s: %s failed (%s); attempt %d in %.1f s", url, what, describe_error(err), attempt + 2, wait)
             time.sleep(wait)
@@ -261,15 +282,14 @@ def _remote_index_refs(index_url: str, key: str, transport: Transport) -> list[S
     fs, path = filesystem(index_url, transport)
 
     def read_index() -> bytes:
-        with fs.open(path, "rb") as handle:
-            return handle.read()
+        return fs.cat_file(path)
 
     try:
         raw = with_retries(index_url, transport, read_index, "read the dataset index")
     except RemoteUnavailable as err:
         raise UserError(f"{key}: {err}") from None
     except Exception as err:
-        if isinstance(err, FileNotFoundError) or getattr(err, "status", None) == 404:
+        if describe_error(err).startswith("not found"):
             raise ConfigError(key, f"{index_url}: not found (404); a remote folder needs the {INDEX_NAME} "
                                    f"written by make-shards, or name the .tar URLs") from None
         raise _remote_access_error(key, index_url, err) from None
