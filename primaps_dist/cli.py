@@ -14,7 +14,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "show-proposals": ("primaps_dist.show_proposals", "draw the PriMaPs proposals of images"),
     "train": ("primaps_dist.train", "train (also: torchrun -m primaps_dist.train)"),
     "evaluate": ("primaps_dist.evaluate", "evaluate a checkpoint (also under torchrun)"),
-    "predict": ("primaps_dist.predict", "write label maps and overlays for a folder of images"),
+    "predict": ("primaps_dist.predict", "write label maps for a folder of images or for shards (also under torchrun)"),
+    "export": ("primaps_dist.segmenter.export_cli", "write a self-contained model folder (safetensors + torch.export)"),
     "mlflow-server": ("primaps_dist.tracking.server", "start a local MLflow server (loopback by default)"),
 }
 

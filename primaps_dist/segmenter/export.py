@@ -128,8 +128,9 @@ def read_export(folder: Path, *, crf: bool | None = None) -> dict[str, Any]:
     backbone.load_state_dict(state)
     prototypes = tensors["prototypes"]
     if tuple(prototypes.shape) != (config["num_classes"], backbone.out_channels):
-        raise UserError(f"{weights_path}: prototypes {list(prototypes.shape)} do not fit {config['num_classes']} "
-                        f"classes of {backbone.out_channels} channels")
+        raise UserError(f"{weights_path}: prototypes {list(prototypes.shape)} do not fit backbone {cfg.backbone.name} "
+                        f"layers {list(cfg.backbone.layers)} ({config['num_classes']} classes of {backbone.out_channels} "
+                        f"channels)")
     crf_fn = None
     use_crf = config.get("crf") is not None if crf is None else crf
     if use_crf:
