@@ -288,9 +288,14 @@ class TrackingConfig:
     run_name: str = ""
     system_metrics: bool = True
     num_overlays: int = 4  # validation images rendered as overlay pictures
+    register_model: str = ""  # register the run's segmenter model under this name ("" = log it, do not register)
 
     def validate(self, prefix: str = "tracking") -> None:
         _require(bool(self.experiment), f"{prefix}.experiment", "must not be empty")
+        _require(self.register_model == "" or (len(self.register_model) <= 256 and all(
+            ch.isalnum() or ch in "_-. " for ch in self.register_model) and self.register_model.strip() != ""),
+            f"{prefix}.register_model", f"must be empty or a model name of letters, digits, '_', '-', '.', ' ' "
+            f"(at most 256), got {self.register_model!r}")
         _require(self.num_overlays >= 0, f"{prefix}.num_overlays", f"must be >= 0, got {self.num_overlays}")
 
 
