@@ -14,7 +14,7 @@ DEMO_DATA_ARGS ?=
 # extra key=value overrides for the demo's train/evaluate (tests use them for a tiny run)
 DEMO_OVERRIDES ?=
 
-.PHONY: install system-deps demo demo-data test test-fast bench clean
+.PHONY: install system-deps demo demo-data test test-fast bench gpu-check clean
 
 install: $(VENV)/.installed
 
@@ -61,6 +61,11 @@ test-fast: install
 
 bench: install
 	@for script in bench/bench_*.py; do echo "== $$script"; $(PY) $$script || exit 1; done
+
+# The GPU path in one command (needs CUDA; under 8 minutes; one JSON line at the end). GPU_CHECK_ARGS=--dry: CPU.
+GPU_CHECK_ARGS ?=
+gpu-check: install
+	$(PY) bench/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(DEMO_DIR) mlflow.db mlruns .pytest_cache
