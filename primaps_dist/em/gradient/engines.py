@@ -28,6 +28,7 @@ __all__ = [
     "HeadEngine",
     "DDPEngine",
     "DeepSpeedEngine",
+    "fused_adam_prebuilt",
     "load_deepspeed_config",
     "make_head_engine",
 ]
@@ -121,8 +122,23 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def fused_adam_prebuilt() -> bool:
+    """Whether this DeepSpeed install ships a compiled FusedAdam (``DS_BUILD_FUSED_ADAM=1`` at install time).
+
+    Without it DeepSpeed JIT-compiles the op with nvcc at start-up, on every node, into a cache that
+    concurrent jobs fight over: minutes per launch, and a failure on nodes without a CUDA toolkit.
+    """
+    try:
+        from deepspeed.git_version_info import installed_ops
+    except Exception:  # noqa: BLE001 - no DeepSpeed or an unknown layout: treat as not prebuilt
+        return False
+    return bool(installed_ops.get("fused_adam", False))
+
+
 def load_deepspeed_config(path: str | os.PathLike, lr: float, device: torch.device) -> dict[str, Any]:
-    """Read the JSON config; ``em.lr`` overrides the optimizer's lr; torch Adam on CPU (FusedAdam needs CUDA).
+    """Read the JSON config; ``em.lr`` overrides the optimizer's lr; torch Adam on CPU (FusedAdam needs
+    CUDA) and on CUDA unless FusedAdam is prebuilt (:func:`fused_adam_prebuilt`) or the config sets
+    ``torch_adam`` itself. For a [K, C] head torch's Adam is as fast; the fused kernel buys nothing.
 
     ``train_batch_size`` is dropped (DeepSpeed derives it from micro batch x accumulation x world size).
     """
@@ -142,6 +158,8 @@ def load_deepspeed_config(path: str | os.PathLike, lr: float, device: torch.devi
         params["lr"] = lr
         if device.type != "cuda":
             params["torch_adam"] = True
+        elif not fused_adam_prebuilt():
+            params.setdefault("torch_adam", True)
     return config
 
 
