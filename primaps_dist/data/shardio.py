@@ -74,6 +74,12 @@ class _TailKeepingReader:
         start = offset - (self.position - len(self._tail))
         return start >= 0 and not any(self._tail[start : start + _BLOCK])
 
+    def drain(self) -> None:
+        """Read to the end: a stream's own checks (a remote shard's size, a ``pipe:`` command's exit status)
+        run there, after the last member."""
+        while self._handle.read(1 << 16):
+            pass
+
 
 def read_shard(path: str) -> Iterator[dict | ShardProblem]:
     """Yield the raw samples of one shard (a local path, URL or ShardRef) in file order, and ShardProblems for
@@ -117,6 +123,7 @@ def read_shard(path: str) -> Iterator[dict | ShardProblem]:
                     pending[suffix] = data
                 end_offset = stream.offset
             ends_cleanly = reader.zero_block_at(end_offset)
+            reader.drain()
         except (FileNotFoundError, PermissionError) as err:
             reason = err.strerror or sources.describe_error(err)
             if members == 0:

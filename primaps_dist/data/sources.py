@@ -331,14 +331,18 @@ def _remote_file_refs(urls: Sequence[str], key: str, transport: Transport) -> li
 
     with ThreadPoolExecutor(max_workers=min(16, len(expanded))) as pool:
         futures = [pool.submit(size_of, url) for url in expanded]
-        refs = []
+        refs, failures = [], []
         for url, future in zip(expanded, futures):
             try:
                 refs.append(ShardRef(url, None, future.result(), transport))
-            except RemoteUnavailable as err:
-                raise UserError(f"{key}: {err}") from None
             except Exception as err:
-                raise _remote_access_error(key, url, err) from None
+                failures.append((url, err))
+    if failures:
+        url, err = failures[0]
+        more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+        if isinstance(err, RemoteUnavailable):
+            raise UserError(f"{key}: {err}{more}")
+        raise ConfigError(key, f"{url}: {describe_error(err)}{more}")
     return refs
 
 
