@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from primaps_dist.config import DataConfig
 from primaps_dist.data import remote_cache
@@ -337,4 +338,47 @@ def test_s3_wrong_credentials_are_one_line_exit_2_before_anything_starts(s3, tmp
                          env=env, timeout=120)
     assert_one_line_error(result, "'data.train_shards'", "s3://data/train/index.json: access denied")
     assert len([line for line in result.stderr.splitlines() if line.strip()]) == 1, result.describe()
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------------------------ whole runs
+
+
+@pytest.mark.slow
+def test_training_reads_from_http_and_s3_and_ends_with_the_prototypes_of_the_local_run(demo_data, s3_env, tmp_path):
+    """Train and final evaluation read remote shards; the stream does not depend on where the bytes come from."""
+    from support.checkpoints import final_payload
+    from support.demo import tiny_train_args
+    from support.run import run_main_in_process
+
+    def train(train_spec: str, val_spec: str, name: str) -> dict:
+        out = tmp_path / name
+        result = run_main_in_process("primaps_dist.train", tiny_train_args(train_spec, out, val_shards=val_spec))
+        assert result.returncode == 0, result.describe()
+        return final_payload(out, 2)
+
+    local = train(str(demo_data.train_shards), str(demo_data.val_shards), "local")
+    with HttpShardServer(demo_data.train_shards.parent) as server:
+        over_http = train(f"{server.url}/train/", f"{server.url}/val/", "http")
+        assert "train/000000.tar" in server.requests and "val/000000.tar" in server.requests
+    s3_env.upload_folder(demo_data.train_shards, "demo", "train")
+    s3_env.upload_folder(demo_data.val_shards, "demo", "val")
+    over_s3 = train("s3://demo/train/", "s3://demo/val", "s3")
+    assert torch.equal(over_http["prototypes"], local["prototypes"])
+    assert torch.equal(over_s3["prototypes"], local["prototypes"])
+    assert over_http["skipped_total"] == over_s3["skipped_total"] == local["skipped_total"] == 0
+
+
+@pytest.mark.slow
+def test_a_wrong_val_shards_path_stops_at_start_before_mlflow_or_the_backbone(demo_data, tmp_path):
+    """One line naming the key and path, exit 2, no MLflow database created (no migration lines), no run folder."""
+    from support.demo import tiny_train_args
+    from support.env import child_env
+    from support.run import assert_one_line_error, last_line, module_command, run_command
+
+    missing = tmp_path / "val_typo"
+    args = tiny_train_args(demo_data.train_shards, tmp_path / "run", val_shards=missing, tracking=True)
+    result = run_command(module_command("primaps_dist.train", *args), env=child_env(tmp_path), timeout=120)
+    assert_one_line_error(result, "'data.val_shards'", str(missing))
+    assert [line for line in result.stderr.splitlines() if line.strip()] == [last_line(result.stderr)]
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "run").exists()
