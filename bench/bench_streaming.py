@@ -1,0 +1,212 @@
+"""Streaming benchmarks (issue 12), one function per section; run all or some with ``--sections``.
+
+Sections:
+
+- ``local_vs_remote``: training-loader images/s from the same shards on the local disk, over HTTP
+  (``python -m http.server`` on loopback) and over S3 (``moto_server`` on loopback), with the loader's prefetch
+  of the next shard; also raw shard read MB/s (no decoding) per source. Rounds alternate the sources and the
+  best round of each counts, so that load from other processes hits all of them alike. Prints remote / local
+  ratios (target: >= 0.8).
+
+Absolute numbers depend on the machine and its load; compare the ratios printed side by side.
+
+Usage: python bench/bench_streaming.py [--sections local_vs_remote] [--shards 8] [--per-shard 32]
+       [--size 512x384] [--workers 2] [--batches 24] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from primaps_dist.config import DataConfig  # noqa: E402
+from primaps_dist.data.synthetic import write_tar  # noqa: E402
+
+
+# ------------------------------------------------------------------------------------------ shared helpers
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"no server on port {port}")
+
+
+def photo_like(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """Smooth colour fields plus noise: JPEG sizes like photographs', not like flat test patterns."""
+    coarse = rng.integers(0, 256, (height // 32 + 2, width // 32 + 2, 3), dtype=np.uint8)
+    image = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC), dtype=np.int16)
+    image += rng.integers(-24, 25, image.shape, dtype=np.int16)
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def write_dataset(folder: Path, shards: int, per_shard: int, size: tuple[int, int]) -> int:
+    """``shards`` tar shards of ``per_shard`` JPEGs (quality 90) and make-shards' index.json; returns bytes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    entries = []
+    for shard in range(shards):
+        members = []
+        for index in range(per_shard):
+            buffer = io.BytesIO()
+            Image.fromarray(photo_like(rng, size[1], size[0])).save(buffer, format="JPEG", quality=90)
+            members.append((f"s{shard}_{index:04d}.jpg", buffer.getvalue()))
+        path = folder / f"{shard:06d}.tar"
+        write_tar(path, members)
+        entries.append({"name": path.name, "num_samples": per_shard, "num_bytes": path.stat().st_size})
+    (folder / "index.json").write_text(json.dumps({"format": "primaps-dist-shards/1", "shards": entries}))
+    return sum(entry["num_bytes"] for entry in entries)
+
+
+def best_of(rounds: int, sources: dict[str, Callable[[], float]]) -> dict[str, float]:
+    """Each source measured once per round, sources alternating; the best (highest) value of each."""
+    best = {name: 0.0 for name in sources}
+    for _ in range(rounds):
+        for name, measure in sources.items():
+            best[name] = max(best[name], measure())
+    return best
+
+
+# ------------------------------------------------------------------------------------------ local vs HTTP vs S3
+
+
+class LoopbackServers:
+    """``python -m http.server`` and ``moto_server`` serving ``folder`` (as ``s3://bench/data/``) on loopback."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.http_port, self.s3_port = free_port(), free_port()
+        self.processes: list[subprocess.Popen] = []
+
+    def __enter__(self) -> "LoopbackServers":
+        quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+        self.processes.append(subprocess.Popen([sys.executable, "-m", "http.server", str(self.http_port), "--bind",
+                                                "127.0.0.1", "--directory", str(self.folder)], **quiet))
+        moto = Path(sys.executable).with_name("moto_server")
+        self.processes.append(subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(self.s3_port)], **quiet))
+        wait_for_port(self.http_port)
+        wait_for_port(self.s3_port)
+        os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
+                          AWS_ENDPOINT_URL=f"http://127.0.0.1:{self.s3_port}")
+        import boto3
+
+        client = boto3.client("s3", endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+        client.create_bucket(Bucket="bench")
+        for path in sorted(self.folder.iterdir()):
+            client.upload_file(str(path), "bench", f"data/{path.name}")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for process in self.processes:
+            process.kill()
+            process.wait()
+
+    @property
+    def specs(self) -> dict[str, str]:
+        return {"local": str(self.folder), "http": f"http://127.0.0.1:{self.http_port}/", "s3": "s3://bench/data/"}
+
+
+def loader_rate(spec: str, workers: int, batches: int, batch: int, crop: int) -> float:
+    """Training-loader images/s (decode + crop included) after the first batch (worker start-up excluded)."""
+    from primaps_dist.data.loader import make_train_loader
+
+    cfg = DataConfig(train_shards=spec, num_classes=4, crop_size=crop, train_scale=[1.0, 1.0],
+                     global_batch_size=batch, batch_size=batch, num_workers=workers, shuffle_buffer=64)
+    loader = make_train_loader(cfg, rank=0, world_size=1, seed=0)
+    try:
+        next(loader)
+        start = time.perf_counter()
+        images = sum(len(next(loader)["key"]) for _ in range(batches))
+        return images / (time.perf_counter() - start)
+    finally:
+        loader.close()
+
+
+def read_rate(spec: str) -> float:
+    """Raw shard read MB/s through read_shard (tar parsing, no decoding), all shards in order."""
+    from primaps_dist.data.shardio import read_shard
+    from primaps_dist.data.sources import resolve_shards
+
+    refs = resolve_shards(spec, DataConfig(train_shards=spec))
+    start = time.perf_counter()
+    total = sum(len(item.get("jpg", b"")) for ref in refs for item in read_shard(ref) if isinstance(item, dict))
+    return total / (time.perf_counter() - start) / 1e6
+
+
+def section_local_vs_remote(args: argparse.Namespace, workdir: Path) -> None:
+    width, height = (int(v) for v in args.size.split("x"))
+    folder = workdir / "remote_bench"
+    total = write_dataset(folder, args.shards, args.per_shard, (width, height))
+    print(f"== local vs HTTP vs S3 (loopback): {args.shards} shards x {args.per_shard} JPEGs {width}x{height}, "
+          f"{total / 1e6:.1f} MB; loader: {args.workers} workers, batch {args.batch}, crop {args.crop}")
+    with LoopbackServers(folder) as servers:
+        specs = servers.specs
+        reads = best_of(args.rounds, {name: (lambda s=spec: read_rate(s)) for name, spec in specs.items()})
+        loads = best_of(args.rounds, {
+            name: (lambda s=spec: loader_rate(s, args.workers, args.batches, args.batch, args.crop))
+            for name, spec in specs.items()})
+    print(f"{'source':<8}{'raw read MB/s':>16}{'ratio':>8}{'loader images/s':>18}{'ratio':>8}")
+    for name in specs:
+        print(f"{name:<8}{reads[name]:>16.1f}{reads[name] / reads['local']:>8.2f}"
+              f"{loads[name]:>18.1f}{loads[name] / loads['local']:>8.2f}")
+    worst = min(loads["http"], loads["s3"]) / loads["local"]
+    print(f"remote loader / local, worst of HTTP and S3: {worst:.2f} (target >= 0.8)")
+
+
+# ------------------------------------------------------------------------------------------ main
+
+
+SECTIONS: dict[str, Callable[[argparse.Namespace, Path], None]] = {
+    "local_vs_remote": section_local_vs_remote,
+}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated: {', '.join(SECTIONS)}")
+    parser.add_argument("--shards", type=int, default=8)
+    parser.add_argument("--per-shard", type=int, default=32)
+    parser.add_argument("--size", default="512x384", help="image width x height")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--crop", type=int, default=128)
+    parser.add_argument("--batches", type=int, default=24)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    chosen = [name.strip() for name in args.sections.split(",") if name.strip()]
+    unknown = [name for name in chosen if name not in SECTIONS]
+    if unknown:
+        parser.error(f"unknown section(s) {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
+    with tempfile.TemporaryDirectory(prefix="bench_streaming_") as tmp:
+        for name in chosen:
+            SECTIONS[name](args, Path(tmp))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
