@@ -297,3 +297,37 @@ def test_shards_read_back_through_the_loader(folders, tmp_path):
         keys.extend(batch["key"])
         labels_seen |= set(torch.unique(batch["label"]).tolist())
     assert len(keys) == 10 and labels_seen <= {0, 1, 2, 3, 255}
+
+
+def test_resize_short_stores_small_jpegs_with_aligned_labels(tmp_path):
+    """--resize-short 48: a 192 x 96 PNG and its label are stored as a 96 x 48 JPEG and a 96 x 48 label; the
+    label's left and right halves keep their ids, the picture its colours (up to JPEG error)."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    from primaps_dist.data import shards as make_shards
+
+    images, labels = tmp_path / "images", tmp_path / "labels"
+    images.mkdir()
+    labels.mkdir()
+    picture = np.zeros((96, 192, 3), dtype=np.uint8)
+    picture[:, 96:] = (200, 40, 40)
+    Image.fromarray(picture).save(images / "a.png")
+    label = np.zeros((96, 192), dtype=np.uint8)
+    label[:, 96:] = 1
+    Image.fromarray(label).save(labels / "a.png")
+    out = tmp_path / "out"
+    assert make_shards.main(["--images", str(images), "--labels", str(labels), "--out", str(out), "--num-classes", "2",
+                             "--resize-short", "48", "--quality", "85"]) == 0
+    with tarfile.open(out / "000000.tar") as archive:
+        members = {m.name: archive.extractfile(m).read() for m in archive.getmembers()}
+    assert sorted(members) == ["a.jpg", "a.label.png"]
+    stored = np.asarray(Image.open(io.BytesIO(members["a.jpg"])))
+    stored_label = np.asarray(Image.open(io.BytesIO(members["a.label.png"])))
+    assert stored.shape == (48, 96, 3) and stored_label.shape == (48, 96)
+    assert (stored_label[:, :48] == 0).all() and (stored_label[:, 48:] == 1).all()
+    assert abs(int(stored[:, 60:, 0].mean()) - 200) < 8 and int(stored[:, :40].max()) < 20
+    index = json.loads((out / "index.json").read_text())
+    assert index["resize_short"] == 48 and index["image_size"]["histogram"] == {"96x48": 1}

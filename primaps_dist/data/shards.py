@@ -256,10 +256,44 @@ def encode_pair(pair: Pair, preset: LabelPreset) -> Encoded | Problem:
     return Encoded(pair.key, image_ext, image_bytes, _png_bytes(mapped), width, height, counts)
 
 
-def _encode_in_worker(args: tuple[Pair, str, int | None, tuple[str, ...] | None]) -> Encoded | Problem:
-    pair, preset_name, num_classes, class_names = args
+@dataclass(frozen=True)
+class Resize:
+    """``--resize-short``: store images with this short side (never enlarged) as JPEG of ``quality``; labels
+    follow by nearest neighbour. 0 keeps the original bytes."""
+
+    short: int = 0
+    quality: int = 90
+
+
+def resize_encoded(sample: Encoded, resize: Resize) -> Encoded:
+    """The sample with its image scaled so that its short side is ``resize.short`` (JPEG) and its label to the
+    same size (nearest, PNG); unchanged when it is already that small or ``resize.short`` is 0."""
+    from primaps_dist.data.transforms import resized_for_short_side
+
+    if not resize.short or min(sample.width, sample.height) <= resize.short:
+        return sample
+    size = resized_for_short_side((sample.width, sample.height), resize.short)
+    image = Image.open(io.BytesIO(sample.image_bytes))
+    image.draft("RGB", size)  # JPEG sources decode at a reduced scale when they can
+    image = image.convert("RGB").resize(size, Image.BILINEAR, reducing_gap=3.0)
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=resize.quality)
+    label_bytes = sample.label_bytes
+    if label_bytes is not None:
+        label = Image.open(io.BytesIO(label_bytes)).resize(size, Image.NEAREST)
+        label_bytes = _png_bytes(np.asarray(label))
+    return Encoded(sample.key, "jpg", buffer.getvalue(), label_bytes, size[0], size[1], sample.class_pixels)
+
+
+def _encode_and_resize(pair: Pair, preset: LabelPreset, resize: Resize) -> Encoded | Problem:
+    result = encode_pair(pair, preset)
+    return resize_encoded(result, resize) if isinstance(result, Encoded) else result
+
+
+def _encode_in_worker(args: tuple[Pair, str, int | None, tuple[str, ...] | None, Resize]) -> Encoded | Problem:
+    pair, preset_name, num_classes, class_names, resize = args
     preset = get_preset(preset_name) if preset_name else generic_preset(num_classes, class_names)
-    return encode_pair(pair, preset)
+    return _encode_and_resize(pair, preset, resize)
 
 
 def _encoded_stream(
@@ -268,13 +302,14 @@ def _encoded_stream(
     num_classes: int | None,
     class_names: tuple[str, ...] | None,
     workers: int,
+    resize: Resize = Resize(),
 ) -> Iterator[Encoded | Problem]:
     """Results in ``pairs`` order (deterministic output), computed by ``workers`` processes."""
     if workers <= 1:
         for pair in pairs:
-            yield encode_pair(pair, preset)
+            yield _encode_and_resize(pair, preset, resize)
         return
-    jobs = [(pair, preset.name, num_classes, class_names) for pair in pairs]
+    jobs = [(pair, preset.name, num_classes, class_names, resize) for pair in pairs]
     window = _WINDOW * workers
     with ProcessPoolExecutor(max_workers=workers) as pool:
         for start in range(0, len(jobs), window):
@@ -393,6 +428,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-classes", type=int, help="without a preset: label ids must be < this (or 255)")
     parser.add_argument("--classes", help="without a preset: JSON file with the class names (sets --num-classes)")
     parser.add_argument("--workers", type=int, default=1, help="processes that decode and check samples")
+    parser.add_argument("--resize-short", type=int, default=0,
+                        help="store images with this short side as JPEG (labels follow), so training workers never "
+                             "decode full-size PNGs; 0 = keep the original bytes (default)")
+    parser.add_argument("--quality", type=int, default=90, help="JPEG quality of --resize-short images (default 90)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
@@ -403,6 +442,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"--shard-size must be >= 1, got {args.shard_size}")
     if args.workers < 1:
         raise UserError(f"--workers must be >= 1, got {args.workers}")
+    if args.resize_short < 0:
+        raise UserError(f"--resize-short must be >= 0, got {args.resize_short}")
+    if not 1 <= args.quality <= 100:
+        raise UserError(f"--quality must be in 1..100, got {args.quality}")
     images_dir = Path(args.images)
     labels_dir = Path(args.labels) if args.labels else None
     out = Path(args.out)
@@ -438,7 +481,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sink = _ShardSink(out, args.shard_size)
     num_classes_arg = None if args.preset else args.num_classes
     try:
-        for result in _encoded_stream(pairs, preset, num_classes_arg, class_names, args.workers):
+        for result in _encoded_stream(pairs, preset, num_classes_arg, class_names, args.workers,
+                                      Resize(args.resize_short, args.quality)):
             if isinstance(result, Problem):
                 print(result.line(), file=sys.stderr)
                 skipped[result.reason] += 1
@@ -472,6 +516,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ],
         "shard_size": args.shard_size,
         "seed": args.seed,
+        "resize_short": args.resize_short or None,
+        "jpeg_quality": args.quality if args.resize_short else None,
         "preset": args.preset,
         "has_labels": has_labels,
         "num_classes": num_classes,
