@@ -13,6 +13,7 @@ block), which the streaming ``tarfile`` reader otherwise reports as a clean end.
 from __future__ import annotations
 
 import tarfile
+from collections import deque
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -58,12 +59,17 @@ class _TailKeepingReader:
     def __init__(self, handle):
         self._handle = handle
         self.position = 0
-        self._tail = b""
+        self._recent: deque[bytes] = deque()  # the last reads, at least _TAIL_BYTES together (no copying)
+        self._recent_bytes = 0
 
     def read(self, size: int = -1) -> bytes:
         data = self._handle.read(size)
         self.position += len(data)
-        self._tail = (self._tail + data)[-_TAIL_BYTES:]
+        if data:
+            self._recent.append(data)
+            self._recent_bytes += len(data)
+            while self._recent_bytes - len(self._recent[0]) >= _TAIL_BYTES:
+                self._recent_bytes -= len(self._recent.popleft())
         return data
 
     def zero_block_at(self, offset: int) -> bool:
@@ -71,8 +77,9 @@ class _TailKeepingReader:
         while self.position < offset + _BLOCK:
             if not self.read(offset + _BLOCK - self.position):
                 return False
-        start = offset - (self.position - len(self._tail))
-        return start >= 0 and not any(self._tail[start : start + _BLOCK])
+        tail = b"".join(self._recent)
+        start = offset - (self.position - len(tail))
+        return start >= 0 and not any(tail[start : start + _BLOCK])
 
     def drain(self) -> None:
         """Read to the end: a stream's own checks (a remote shard's size, a ``pipe:`` command's exit status)
