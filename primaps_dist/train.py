@@ -51,7 +51,7 @@ from primaps_dist.em.pca import CovarianceAccumulator
 from primaps_dist.em.kmeans import kmeans_step
 from primaps_dist.em.stats import PrototypeState, stats_step
 from primaps_dist.errors import UserError, run_cli
-from primaps_dist.evaluate import evaluate_prototypes, write_reports
+from primaps_dist.evaluate import class_names, evaluate_prototypes, write_reports
 from primaps_dist.metrics import class_usage_entropy
 from primaps_dist.pseudo_labels import make_pseudo_labels
 from primaps_dist.runtime import StepTimer, StopFlag, inject_fault, setup_logging
@@ -161,6 +161,7 @@ class Trainer:
         self.loader_state: Any = None
         self.skipped_total = 0
         self.baseline_prototypes: torch.Tensor | None = None  # K-means result, kept to report the baseline
+        self.final_classes: dict[str, Any] = {}  # the final evaluation's assignment and class names, for the model
         self.mlflow_run_id: str | None = None
         self.diagnostics = DiagnosticsWindow()  # label-free pseudo-label health, read once per logging step
         self.health = HealthMonitor(cfg.proposals.median_filter)
@@ -281,7 +282,8 @@ class Trainer:
         summary = kmeans_step(self.state, features, self.cfg.em.momentum)
         if self.step == self.stages.kmeans_end - 1:
             self.baseline_prototypes = self.state.prototypes.detach().cpu().clone()
-        return {"kmeans/objective": summary.objective, "class_usage_entropy": partial(class_usage_entropy, summary.counts)}
+        return {"kmeans/objective": summary.objective,
+                "class_usage_entropy": partial(class_usage_entropy, summary.counts)}
 
     def e_and_m_step(self, images: torch.Tensor, features: torch.Tensor, timer: StepTimer) -> dict[str, Any]:
         """One PriMaPs-EM step: the E-step (pseudo labels of ``images`` ``[B, 3, H, W]`` from ``features``
@@ -346,6 +348,7 @@ class Trainer:
             log.info("K-means baseline: accuracy %.2f %%, mIoU %.2f %%",
                      baseline.scores["accuracy"], baseline.scores["miou"])
         tracker.log_metrics(scores, self.step)
+        self.final_classes = {"assignment": list(result.scores["assignment"]), "class_names": class_names(self.cfg)}
         for path in paths:
             tracker.log_artifact(path, path.parent.name)
         latest = ckpt.find_latest(self.ckpt_dir)
@@ -468,6 +471,11 @@ class Trainer:
                     self.save()
             if exit_code == 0 and self.cfg.data.val_shards:
                 self.final_evaluation(tracker)
+            if exit_code == 0 and self.env.is_master:  # the segmenter as an MLflow model; never fails the run
+                from primaps_dist.segmenter.publish import log_segmenter_model
+
+                log_segmenter_model(tracker, cfg, self.backbone, self.state.prototypes, self.out_dir, step=self.step,
+                                    **self.final_classes)
         except BaseException:
             status = "FAILED"
             raise

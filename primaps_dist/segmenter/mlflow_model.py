@@ -34,8 +34,8 @@ def signature():
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Schema, TensorSpec
 
-    return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3), "images")]),
-                          outputs=Schema([TensorSpec(np.dtype(np.int64), (-1, -1, -1), "label_maps")]))
+    return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
+                          outputs=Schema([TensorSpec(np.dtype(np.int64), (-1, -1, -1))]))
 
 
 def save_mlflow_model(export_dir: str | os.PathLike, path: str | os.PathLike, crop_size: int) -> Path:

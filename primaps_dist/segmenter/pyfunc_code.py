@@ -20,6 +20,8 @@ class SegmenterModel(mlflow.pyfunc.PythonModel):
         self.model = runner.load(folder)
 
     def predict(self, context, model_input, params=None):
+        if isinstance(model_input, dict):  # a named tensor input
+            (model_input,) = model_input.values()
         images = np.asarray(model_input)
         if images.ndim == 3:
             images = images[None]

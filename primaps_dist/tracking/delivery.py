@@ -172,11 +172,26 @@ class Delivery:
                 self.client.log_artifacts(run_id, str(path), record.get("artifact_path"))
             else:
                 self.client.log_artifact(run_id, str(path), record.get("artifact_path"))
+        elif kind == "register_model":
+            self._register_model(group[0])
         elif kind == "end":
             record = group[0]
             self.client.set_terminated(self._run_id_for(record), record["status"], record["time"])
         else:
             self._log_batch(group)
+
+    def _register_model(self, record: dict) -> None:
+        """A new version of registered model ``name`` from the run's ``artifact_path`` (the model created first)."""
+        from mlflow.exceptions import MlflowException
+
+        run_id = self._run_id_for(record)
+        try:
+            self.client.create_registered_model(record["name"])
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        source = f"{self.client.get_run(run_id).info.artifact_uri.rstrip('/')}/{record['artifact_path']}"
+        self.client.create_model_version(record["name"], source, run_id=run_id)
 
     def _log_batch(self, group: list[dict]) -> None:
         from mlflow.entities import Metric, Param, RunTag

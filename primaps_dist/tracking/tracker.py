@@ -181,6 +181,14 @@ class Tracker:
         self._sender.submit({"kind": "artifact", "run": self._key, "path": str(path.resolve()),
                              "artifact_path": artifact_path})
 
+    def register_model(self, name: str, artifact_path: str) -> None:
+        """Register the model logged under ``artifact_path`` of this run as a new version of ``name`` (send it
+        after the model's :meth:`log_artifact`: records are delivered in order)."""
+        if not self.active:
+            return
+        self._sender.submit({"kind": "register_model", "run": self._key, "name": str(name),
+                             "artifact_path": str(artifact_path)})
+
     def wait_until_idle(self, timeout_s: float = 30.0) -> bool:
         """Block until every record logged so far went through a delivery attempt (sent, or waiting for
         the next retry). Training never needs this; it makes the delivery thread observable in tests."""
