@@ -41,6 +41,7 @@ class RemoteStream:
         self._blocks: queue.Queue = queue.Queue(maxsize=READ_AHEAD_BLOCKS)
         self._stop = threading.Event()
         self._handed_out = 0  # bytes queued for the reader: where a reopened read continues
+        self._size: int | None = ref.n_bytes
         self._pending = b""
         self._failure: BaseException | None = None
         self._finished = False
@@ -80,6 +81,8 @@ class RemoteStream:
     def _read_once(self) -> int | None:
         """Queue the bytes from ``_handed_out`` until this connection's body ends; returns the shard's size."""
         handle, drop, total = self._open_at(self._handed_out)
+        # The size seen on a first, whole response still holds for a resumed one (a 206 tells only the rest).
+        self._size = total = total if total is not None else self._size
         try:
             while drop:
                 dropped = handle.read(min(drop, BLOCK_BYTES))
