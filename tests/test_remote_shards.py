@@ -154,7 +154,7 @@ def test_connection_cut_mid_shard_is_retried_and_the_shard_is_complete(http, sha
     assert http.cuts_done == 1 and http.requests.count("000000.tar") == 2
     assert not [item for item in items if isinstance(item, ShardProblem)]
     assert samples(items) == samples(read_shard(str(path)))
-    # a plain URL (no listed size): the first response's length still checks the resumed one
+    # a plain URL (no listed size from an index) resumes the same way
     http.cuts["000000.tar"] = path.stat().st_size // 3
     items = list(read_shard(f"{http.url}/000000.tar"))
     assert http.cuts_done == 2 and not [item for item in items if isinstance(item, ShardProblem)]
