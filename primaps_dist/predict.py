@@ -143,6 +143,8 @@ def predict_shards(segmenter, shards: list[str], out_dir: Path, env, args: argpa
     finally:
         if progress is not None:
             progress.close()
+    log.info("rank %d of %d: %d images from %d shards (%d shards already finished)", env.rank, env.world_size,
+             stats.images, stats.shards_done, stats.shards_skipped)
     totals = torch.tensor([stats.images, stats.shards_done, stats.shards_skipped, stats.images_skipped,
                            sum(stats.problems.values())], dtype=torch.float64)
     dist.all_reduce_sum(totals)
