@@ -196,17 +196,15 @@ class TrainLoader:
 def collect_state(batch: dict, previous_state: dict | None = None) -> dict:
     """Fold one consumed training batch into the loader state (a small JSON-able dict).
 
-    Call it for every batch the training loop uses, in order; ``previous_state`` is not modified. The state of
-    one rank holds its own streams' positions; :func:`merge_states` joins the ranks' states into the global
-    position that resumes on any number of ranks.
+    Call it for every batch the training loop uses, in order. Every batch carries the positions of all of this
+    rank's streams, so ``previous_state`` (kept for the interface) adds nothing, and a state never holds stale
+    positions of other ranks' streams (e.g. from the global state it resumed from). :func:`merge_states` joins
+    the ranks' states into the global position that resumes on any number of ranks.
     """
     position = batch["state"]
     info = {key: value for key, value in position.items() if key not in ("step", "positions")}
-    positions = {}
-    if previous_state is not None and previous_state.get("stream") == info:
-        positions.update(previous_state["positions"])
-    positions.update(position["positions"])
-    return {"version": STATE_VERSION, "stream": info, "step": int(position["step"]), "positions": positions}
+    return {"version": STATE_VERSION, "stream": info, "step": int(position["step"]),
+            "positions": dict(position["positions"])}
 
 
 def merge_states(states: Sequence[dict | None]) -> dict | None:
@@ -218,6 +216,8 @@ def merge_states(states: Sequence[dict | None]) -> dict | None:
         raise RuntimeError("ranks disagree on the training stream position; cannot checkpoint it")
     positions: dict[str, list[int]] = {}
     for state in states:
+        if set(positions) & set(state["positions"]):
+            raise RuntimeError("two ranks report the same training stream; cannot checkpoint the position")
         positions.update(state["positions"])
     return {**first, "positions": positions}
 
