@@ -5,6 +5,8 @@ Used by :mod:`primaps_dist.primaps.rounds`; see the package docstring for how it
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -13,7 +15,7 @@ __all__ = ["BLOCK", "gram", "start_basis", "top_direction"]
 
 # Subspace size of the block eigen-solver: a pass [b, k, C] @ [b, C, C] costs little more for k = 16
 # than for k = 4 (memory bound on G) while convergence improves as (lambda_{k+1} / lambda_1)^iters;
-# 16 was fastest overall (8 and 24 measured slower) for C = 384.
+# 16 was fastest overall (8 and 24 measured slower) for C = 384 (with a one-shift filter).
 BLOCK = 16
 _RESIDUAL_TOL = 2e-4
 _MAX_SOLVER_ITERS = 60
@@ -21,6 +23,11 @@ _MAX_SOLVER_ITERS = 60
 # as zero (e.g. constant features): its direction is arbitrary and needs no convergence.
 _DEGENERATE_EIGENVALUE = 1e-6
 _BASIS_SEED = 0x5EED
+# Filter polynomial between Rayleigh-Ritz steps: prod_j (A - s_j theta_k) with s_j the Chebyshev nodes
+# of degree _FILTER_DEGREE on [0, 1] (theta_k = smallest Ritz value, the top of the unwanted part).
+_FILTER_DEGREE = 3
+_NODES = tuple(0.5 + 0.5 * math.cos((2 * j - 1) * math.pi / (2 * _FILTER_DEGREE)) for j in range(1, _FILTER_DEGREE + 1))
+
 
 def gram(columns: torch.Tensor) -> torch.Tensor:
     """``columns @ columns^T`` ([b, C, n] -> [b, C, C]) computing only 3/4 of the blocks (symmetry)."""
@@ -56,48 +63,65 @@ def top_direction(
     gram_basis: torch.Tensor | None,
     active: torch.Tensor,
     total_variance: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    smallest: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Top eigenvector of ``A = gram - free_sum free_sum^T / free_count`` per image.
 
-    Block subspace iteration on ``A - sigma I`` (``sigma`` = half the smallest Ritz value) with
-    Rayleigh-Ritz; vectors are stored as rows ([b, k, C] @ [b, C, C] streams the Gram matrix faster
-    than [b, C, C] @ [b, C, k]). Images stop iterating once their relative residual
-    ``||A v - theta v|| / theta`` is below ``_RESIDUAL_TOL``; they keep their rows (and G products)
-    from then on, so their result does not depend on the rest of the batch.
+    Block subspace iteration with a Chebyshev filter: ``basis <- orth(p(A) basis)`` with
+    ``p(x) = prod_j (x - s_j theta_k)`` (``_NODES``; theta_k the smallest Ritz value, so ``p`` is
+    small on the unwanted part of the spectrum), then Rayleigh-Ritz. Vectors are stored as rows
+    ([b, k, C] @ [b, C, C] streams the Gram matrix faster than [b, C, C] @ [b, C, k]). Images stop
+    iterating once their relative residual ``||A v - theta v|| / theta`` is below
+    ``_RESIDUAL_TOL``; they keep their rows (and G products) from then on, so their result does not
+    depend on the rest of the batch.
 
     gram [b, C, C] symmetric, free_sum [b, C], free_count [b] float, basis [b, k, C] orthonormal rows
     (warm start), gram_basis [b, k, C] = basis @ gram if already known (saves one pass over gram),
-    active [b] bool (inactive images only pass through), total_variance [b].
+    active [b] bool (inactive images only pass through), total_variance [b], smallest [b]: the
+    smallest Ritz value of the warm start's last Rayleigh-Ritz step, if any (then the warm start is
+    filtered right away; without it, a Rayleigh-Ritz step on the warm start comes first).
     Returns (direction [b, C] unit norm, Ritz basis [b, k, C] by decreasing Ritz value,
-    Ritz basis @ gram [b, k, C]).
+    Ritz basis @ gram [b, k, C], smallest Ritz value [b]).
     """
     inverse_count = (1.0 / free_count.clamp(min=1.0))[:, None, None]
     sums = free_sum.unsqueeze(1)  # [b, 1, C]
+    floor = _DEGENERATE_EIGENVALUE * total_variance
+
+    def apply_covariance(vectors: torch.Tensor, vectors_gram: torch.Tensor) -> torch.Tensor:
+        """A v for rows v [b, k, C], given v G."""
+        return torch.baddbmm(vectors_gram, (vectors @ sums.transpose(1, 2)) * inverse_count, sums, alpha=-1.0)
+
     converged = ~active
+    frozen = converged[:, None, None]
     rows = basis
     gram_rows = basis @ gram if gram_basis is None else gram_basis
-    floor = _DEGENERATE_EIGENVALUE * total_variance
-    any_converged = bool(converged.any())
+    applied = apply_covariance(rows, gram_rows)
+    filter_first = smallest is not None
     for iteration in range(_MAX_SOLVER_ITERS):
-        if iteration > 0:  # converged images keep even their G products: bitwise frozen
-            fresh = rows @ gram
-            gram_rows = torch.where(converged[:, None, None], gram_rows, fresh) if any_converged else fresh
-        applied = torch.baddbmm(gram_rows, (rows @ sums.transpose(1, 2)) * inverse_count, sums, alpha=-1.0)
+        if filter_first or iteration > 0:
+            filtered = applied - (_NODES[0] * smallest)[:, None, None] * rows  # (A - s_1) V
+            for node in _NODES[1:]:
+                filtered = apply_covariance(filtered, filtered @ gram) - (node * smallest)[:, None, None] * filtered
+            stepped = torch.linalg.qr(filtered.transpose(1, 2)).Q.transpose(1, 2)
+            # Converged images keep their rows and even their G products: bitwise frozen, so every
+            # later iteration reproduces their Ritz vectors exactly.
+            rows = torch.where(frozen, rows, stepped)
+            gram_rows = torch.where(frozen, gram_rows, rows @ gram)
+            applied = apply_covariance(rows, gram_rows)
         projected = rows @ applied.transpose(1, 2)
         projected = 0.5 * (projected + projected.transpose(1, 2))
         values, rotation = torch.linalg.eigh(projected)
         rotation = rotation.flip(-1).transpose(1, 2)  # rows = Ritz coefficients, largest first
+        # Images converged earlier keep their Ritz vectors (a second Rayleigh-Ritz step on them
+        # would rotate them by rounding noise).
+        rows = torch.where(frozen, rows, rotation @ rows)
+        gram_rows = torch.where(frozen, gram_rows, rotation @ gram_rows)
+        applied = torch.where(frozen, applied, rotation @ applied)
+        smallest = values[:, 0] if smallest is None else torch.where(converged, smallest, values[:, 0])
         top = values[:, -1]
-        ritz = rotation @ rows
-        applied_ritz = rotation @ applied
-        residual = torch.linalg.vector_norm(applied_ritz[:, 0] - top[:, None] * ritz[:, 0], dim=1)
+        residual = torch.linalg.vector_norm(applied[:, 0] - top[:, None] * rows[:, 0], dim=1)
         converged = converged | (residual <= _RESIDUAL_TOL * top) | (top <= floor)
+        frozen = converged[:, None, None]
         if iteration == _MAX_SOLVER_ITERS - 1 or bool(converged.all()):
             break
-        # Converged images keep their rows (and G products), so every later iteration reproduces
-        # their Ritz vectors exactly and the final `ritz` is theirs at convergence time.
-        shift = 0.5 * values[:, 0]  # half the smallest Ritz value: damps the unwanted spectrum [0, theta_k]
-        stepped = torch.linalg.qr((applied_ritz - shift[:, None, None] * ritz).transpose(1, 2)).Q.transpose(1, 2)
-        any_converged = bool(converged.any())
-        rows = torch.where(converged[:, None, None], rows, stepped) if any_converged else stepped
-    return F.normalize(ritz[:, 0], dim=1), ritz, rotation @ gram_rows
+    return F.normalize(rows[:, 0], dim=1), rows, gram_rows, smallest

@@ -52,7 +52,7 @@ class WorkingSet:
 
     _STATE = (
         "rows", "points", "inverse_norm", "position", "mean", "gram", "free_sum", "total_variance",
-        "free", "free_count", "basis", "gram_basis", "running", "counts", "mask_id", "mask_value",
+        "free", "free_count", "basis", "gram_basis", "smallest_ritz", "running", "counts", "mask_id", "mask_value",
     )
 
     def __init__(self, features: torch.Tensor, block: int):
@@ -76,6 +76,7 @@ class WorkingSet:
         self.total_variance = torch.diagonal(self.gram, dim1=1, dim2=2).sum(dim=1)
         self.basis = start_basis(centred.transpose(1, 2), min(block, channels))
         self.gram_basis: torch.Tensor | None = None  # basis @ gram once known
+        self.smallest_ritz: torch.Tensor | None = None  # [b] of the basis, once it is a Ritz basis
         # F.normalize's eps; exactly 0 at zero vectors, whose centred dot products only cancel up to
         # rounding (the residue times 1e12 would make them look like the most similar positions).
         self.inverse_norm = F.pad(torch.where(norm > 0, 1.0 / norm.clamp(min=1e-12), 0.0), (0, 1))  # [b, Q+1]
@@ -171,9 +172,9 @@ class WorkingSet:
 
 def _proposal_round(state: WorkingSet, threshold: float, coverage: float, max_masks: int) -> None:
     """One PriMaPs round for every running image of the working set (updates ``state`` in place)."""
-    direction, state.basis, state.gram_basis = top_direction(
+    direction, state.basis, state.gram_basis, state.smallest_ritz = top_direction(
         state.gram, state.free_sum, state.free_count.to(torch.float32), state.basis, state.gram_basis,
-        state.running, state.total_variance,
+        state.running, state.total_variance, state.smallest_ritz,
     )
     signs, direction_dots = reference_orientation(state, direction, state.basis, state.gram_basis)
     direction = direction * signs[:, None]
