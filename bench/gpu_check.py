@@ -212,7 +212,8 @@ def throughput(device: torch.device, sizes: Sizes) -> dict[str, Any]:
             return assemble(mask_ids, nearest_prototype_upsampled(features, prototypes, size), num_classes)
 
         seconds["assembly"], labels = timed(assembly, device, sizes.repeats)
-        grid_labels = F.interpolate(labels[:, None].float(), size=features.shape[-2:], mode="nearest-exact")[:, 0].long()
+        grid_labels = F.interpolate(labels[:, None].float(), size=features.shape[-2:], mode="nearest-exact")
+        grid_labels = grid_labels[:, 0].long()
         seconds["m_step"], _ = timed(lambda: stats_step(state, features, grid_labels, 0.98, check_labels=False),
                                      device, sizes.repeats)
 
@@ -286,8 +287,7 @@ def syncs_per_step(device: torch.device, sizes: Sizes, mode: str, out: Path) -> 
     per_step = [after - before for before, after in zip(marks, marks[1:])]
     first_em = cfg.train.pca_steps + cfg.train.kmeans_steps
     sync_records = [r for r in caught if "synchroniz" in str(r.message)]
-    sites = Counter(f"{Path(r.filename).relative_to(REPO) if r.filename.startswith(str(REPO)) else r.filename}:{r.lineno}"
-                    for r in sync_records)
+    sites = Counter(f"{r.filename.removeprefix(str(REPO) + os.sep)}:{r.lineno}" for r in sync_records)
     counted = device.type == "cuda"
     return {
         "counted": counted,  # set_sync_debug_mode works on CUDA only; the dry run just exercises the steps

@@ -62,7 +62,9 @@ class CovarianceAccumulator:
     def _move_to(self, device: torch.device) -> None:
         dtype = accumulation_dtype(device)
         self.device = device
-        self.count, self.sum, self.outer = (t.to(device=device, dtype=dtype) for t in (self.count, self.sum, self.outer))
+        self.count, self.sum, self.outer = (
+            tensor.to(device=device, dtype=dtype) for tensor in (self.count, self.sum, self.outer)
+        )
 
     def update(self, features: torch.Tensor) -> None:
         """Add ``[N, C]`` or ``[B, C, H, W]`` features (any float dtype) of this rank."""

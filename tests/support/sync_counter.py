@@ -12,9 +12,17 @@ someone profiles on a GPU. :class:`SyncCounter` (a ``TorchFunctionMode`` plus a 
   indexing (get or set) with a boolean tensor;
 * explicit ``torch.cuda.synchronize`` (patched into a counting no-op, so it can be counted without CUDA).
 
-Not counted: host-to-device copies of fresh tensors, and ``.to(device)`` (on a CPU run it cannot be told apart
-from a no-op). Calls made from inside torch itself (an optimizer reading its step counter on the host) are
-kept apart under ``torch-internal``: they are not syncs of this project's code.
+Tensors that live on the host in a GPU run too are tracked and never counted: those made by a factory without
+a ``device`` argument (``torch.tensor(...)``, ``torch.rand(..., generator=cpu_generator)``), the results of
+``cpu()`` / ``numpy()``, and everything computed only from such tensors. So ``values = t.cpu()`` followed by
+``int(values[0])`` and ``bool(values[1] > 0)`` counts once.
+
+Limit: on a CPU run ``host.to(device)`` without a dtype change returns ``host`` itself, which then stays a host
+tensor here although the GPU run would have a device copy.
+
+Not counted: host-to-device copies (blocking ones do wait on a GPU), and ``.to(device)`` (on a CPU run it
+cannot be told apart from a no-op). Calls made from inside torch itself (an optimizer reading its step
+counter on the host) are kept apart under ``torch-internal``: they are not syncs of this project's code.
 
 A call site is the first frame outside torch's dispatch wrappers: ``primaps_dist/em/stats.py`` for the
 package, ``other`` for tests and scripts.
@@ -23,6 +31,7 @@ package, ``other`` for tests and scripts.
 from __future__ import annotations
 
 import sys
+import weakref
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -62,6 +71,33 @@ _DATA_DEPENDENT = {
 }
 
 
+_FACTORIES = {
+    torch.tensor, torch.as_tensor, torch.zeros, torch.ones, torch.full, torch.empty, torch.arange, torch.linspace,
+    torch.rand, torch.randn, torch.randint, torch.randperm, torch.eye,
+}
+_TO_HOST = {torch.Tensor.cpu, torch.Tensor.numpy}
+
+
+def _tensors_in(values: Any) -> list[torch.Tensor]:
+    found = []
+    for value in values:
+        if isinstance(value, torch.Tensor):
+            found.append(value)
+        elif isinstance(value, (list, tuple)):
+            found.extend(_tensors_in(value))
+    return found
+
+
+def _may_move(func: Any, args: tuple, kwargs: dict) -> bool:
+    """Whether ``func`` may copy to another device (a GPU in a GPU run): ``to``/``cuda`` with a device."""
+    if func is torch.Tensor.cuda:
+        return True
+    if func is not torch.Tensor.to:
+        return False
+    targets = list(args[1:]) + [kwargs.get("device")]
+    return any(isinstance(target, (torch.device, str, int, torch.Tensor)) for target in targets)
+
+
 def _is_bool_index(index: Any) -> bool:
     items = index if isinstance(index, tuple) else (index,)
     return any(isinstance(item, torch.Tensor) and item.dtype == torch.bool for item in items)
@@ -78,7 +114,8 @@ def _sync_kind(func: Any, args: tuple, kwargs: dict) -> str | None:
     if func is torch.where and len(args) + len(kwargs) == 1:
         return "nonzero"
     if func in (torch.repeat_interleave, torch.Tensor.repeat_interleave):
-        if kwargs.get("output_size") is None and isinstance(args[1] if len(args) > 1 else kwargs.get("repeats"), torch.Tensor):
+        repeats = args[1] if len(args) > 1 else kwargs.get("repeats")
+        if kwargs.get("output_size") is None and isinstance(repeats, torch.Tensor):
             return "repeat_interleave"
     if func in (torch.Tensor.__getitem__, torch.Tensor.__setitem__) and len(args) > 1 and _is_bool_index(args[1]):
         return "bool-index"
@@ -112,13 +149,32 @@ class SyncCounter(TorchFunctionMode):
         self.by_site: Counter[str] = Counter()
         self.by_kind: Counter[tuple[str, str]] = Counter()
         self._saved_synchronize = None
+        self._host: dict[int, weakref.ref] = {}  # id -> weakref of tensors that are on the host in a GPU run
+
+    def _on_host(self, tensor: torch.Tensor) -> bool:
+        ref = self._host.get(id(tensor))
+        return ref is not None and ref() is tensor
+
+    def _mark_host(self, result: Any) -> None:
+        for tensor in _tensors_in(result if isinstance(result, (list, tuple)) else [result]):
+            key = id(tensor)
+            self._host[key] = weakref.ref(tensor, lambda _ref, key=key: self._host.pop(key, None))
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        inputs = _tensors_in(list(args) + list(kwargs.values()))
+        host_inputs = bool(inputs) and all(self._on_host(tensor) for tensor in inputs)
         kind = _sync_kind(func, args, kwargs)
-        if kind is not None:
+        if kind is not None and not host_inputs:
             self.record_call(kind)
-        return func(*args, **kwargs)
+        result = func(*args, **kwargs)
+        try:
+            is_factory, to_host = func in _FACTORIES, func in _TO_HOST
+        except TypeError:
+            is_factory = to_host = False
+        if (host_inputs and not _may_move(func, args, kwargs)) or to_host or (is_factory and kwargs.get("device") is None):
+            self._mark_host(result)
+        return result
 
     def record_call(self, kind: str) -> None:
         site = _call_site()
@@ -149,6 +205,7 @@ class SyncCounter(TorchFunctionMode):
         return Counter(self.by_site)
 
     def reset(self) -> None:
+        self._host.clear()
         self.by_site.clear()
         self.by_kind.clear()
 
