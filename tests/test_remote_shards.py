@@ -124,6 +124,18 @@ def test_server_down_at_start_is_retried_with_backoff_then_one_line_naming_the_u
     assert elapsed >= 0.2 + 0.4  # two waits, the second one doubled
 
 
+def test_gs_without_gcsfs_is_one_line_naming_the_key():
+    pytest.importorskip("fsspec")
+    try:
+        import gcsfs  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("gcsfs is installed")
+    with pytest.raises(ConfigError, match=r"^config key 'data.val_shards': gs://b/v/index.json: gs:// needs .*gcs"):
+        resolve_shards("gs://b/v/", transport_cfg(), "data.val_shards")
+
+
 def test_pipe_and_file_urls_read_like_local(shard_folder):
     path = str(shard_folder / "000001.tar")
     refs = resolve_shards(f"pipe:cat {path},file://{path}", transport_cfg())
@@ -263,6 +275,37 @@ def test_cache_downloads_once_renames_atomically_and_evicts_least_recently_used(
     cached = sorted(name for name in os.listdir(cache_dir) if not name.startswith("."))
     assert len(cached) == 2 and not any(name.endswith("000000.tar") for name in cached)  # oldest left
     assert not [name for name in os.listdir(cache_dir) if name.endswith(".partial")]
+
+
+def _read_in_child(ref: ShardRef, results) -> None:
+    results.put(len(samples(read_shard(ref))))
+
+
+def test_cache_shared_by_processes_downloads_each_shard_once(http, tmp_path):
+    """Ranks of a node share data.cache_dir: three processes open the same shard at once, one download."""
+    import multiprocessing
+
+    ref = resolve_shards(f"{http.url}/", transport_cfg(cache_dir=str(tmp_path / "cache")))[1]
+    context = multiprocessing.get_context("fork")
+    results = context.Queue()
+    children = [context.Process(target=_read_in_child, args=(ref, results)) for _ in range(3)]
+    for child in children:
+        child.start()
+    for child in children:
+        child.join(60)
+    assert [child.exitcode for child in children] == [0, 0, 0]
+    assert sorted(results.get(timeout=5) for _ in children) == [PER_SHARD] * 3
+    assert http.requests.count("000001.tar") == 1
+
+
+def test_a_download_that_fails_leaves_nothing_in_the_cache(http, tmp_path):
+    cache_dir = tmp_path / "cache"
+    http.cut_once = False
+    http.cuts["000000.tar"] = 5000
+    ref = resolve_shards(f"{http.url}/", transport_cfg(cache_dir=str(cache_dir), remote_retries=2))[0]
+    items = list(read_shard(ref))
+    assert len(items) == 1 and "gave up after 2 attempts" in items[0].reason
+    assert [name for name in os.listdir(cache_dir) if name != ".locks"] == []  # no shard, no partial file
 
 
 def test_prefetch_fills_the_cache_in_the_background(http, shard_folder, tmp_path):

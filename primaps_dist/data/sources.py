@@ -44,6 +44,10 @@ _GLOB_CHARS = "*?["
 _URL = re.compile(r"^([a-zA-Z][a-zA-Z0-9+.-]*)://")
 
 
+class MissingTransport(UserError):
+    """The URL's scheme needs a package that is not installed (gcsfs for gs://)."""
+
+
 class RemoteUnavailable(OSError):
     """A remote read failed on every attempt; the message is one line naming the URL."""
 
@@ -147,7 +151,8 @@ def filesystem(url: str, transport: Transport):
     try:
         return fsspec.core.url_to_fs(url, **options)
     except ImportError as err:
-        raise UserError(f"{url}: {scheme}:// needs a package that is not installed ({err})") from None
+        extra = " (pip install 'primaps-dist[gcs]')" if scheme in ("gs", "gcs") else ""
+        raise MissingTransport(f"{url}: {scheme}:// needs a package that is not installed: {err}{extra}") from None
 
 
 def _root_cause(err: BaseException) -> BaseException:
@@ -368,6 +373,19 @@ def _is_remote_folder(url: str) -> bool:
     return "." not in name and not any(ch in name for ch in _GLOB_CHARS)
 
 
+def _remote_refs(urls: Sequence[str], key: str, transport: Transport) -> list[ShardRef]:
+    found = []
+    for url in urls:
+        if url.endswith(INDEX_NAME):
+            found.extend(_remote_index_refs(url, key, transport))
+        elif _is_remote_folder(url):
+            found.extend(_remote_index_refs(url.rstrip("/") + "/" + INDEX_NAME, key, transport))
+    files = [url for url in urls if not url.endswith(INDEX_NAME) and not _is_remote_folder(url)]
+    if files:
+        found.extend(_remote_file_refs(files, key, transport))
+    return found
+
+
 def resolve_shards(spec: str | Sequence[str], data_cfg: Any = None, key: str = "data.train_shards") -> list[ShardRef]:
     """Expand a shard spec (see the module docstring) into ShardRefs, checking that each exists or is listed.
 
@@ -389,16 +407,10 @@ def resolve_shards(spec: str | Sequence[str], data_cfg: Any = None, key: str = "
             local = item[len("file://"):] if scheme == "file" else item
             found = [ref for path in _expand_local(os.path.expanduser(local)) for ref in _local_refs(path, key, transport)]
         elif scheme in REMOTE_SCHEMES:
-            urls = expand_braces(item)
-            found = []
-            for url in urls:
-                if url.endswith(INDEX_NAME):
-                    found.extend(_remote_index_refs(url, key, transport))
-                elif _is_remote_folder(url):
-                    found.extend(_remote_index_refs(url.rstrip("/") + "/" + INDEX_NAME, key, transport))
-            files = [url for url in urls if not url.endswith(INDEX_NAME) and not _is_remote_folder(url)]
-            if files:
-                found.extend(_remote_file_refs(files, key, transport))
+            try:
+                found = _remote_refs(expand_braces(item), key, transport)
+            except MissingTransport as err:
+                raise ConfigError(key, str(err)) from None
         else:
             raise ConfigError(key, f"{item!r}: unsupported scheme {scheme}:// (use a path, file://, http(s)://, "
                                    f"s3://, gs:// or pipe:)")
