@@ -12,8 +12,10 @@ Fixtures:
 
 Parallel runs (``make test`` runs ``pytest -n 2 --dist loadgroup``, pytest-xdist): every worker process builds
 its own session fixtures. Tests that share something global run on one worker, in the ``xdist_group`` named
-by :data:`SHARED_RESOURCE_GROUPS` (added here from the fixtures a test uses, so new tests are grouped
-too) or by their own ``@pytest.mark.xdist_group(name)``. ``pytest -n 0`` (or no ``-n``) runs serially.
+by :data:`support.parallel.SHARED_RESOURCE_GROUPS` (added from the fixtures a test uses, so new tests are grouped
+too) or by their own ``@pytest.mark.xdist_group(name)``. A test with wall-clock bounds is marked
+``@pytest.mark.alone``: no other test runs meanwhile (all ``alone`` tests are one group, so they follow each
+other). The hooks live in :mod:`support.parallel`. ``pytest -n 0`` (or no ``-n``) runs serially.
 """
 
 import os
@@ -34,53 +36,10 @@ pytest.register_assert_rewrite("support")
 
 from support.demo import DemoData, build_demo_data, tiny_train_args  # noqa: E402
 from support.env import child_env  # noqa: E402
+from support.parallel import (  # noqa: E402,F401  (hooks: xdist groups, the run lock for `alone` tests)
+    pytest_collection_modifyitems, pytest_configure, pytest_runtest_protocol, pytest_unconfigure)
 from support.run import module_command, run_checked  # noqa: E402
 from support.slurm import SlurmCluster, require_slurm  # noqa: E402
-
-
-# fixture -> xdist group: a test using the fixture runs on the group's worker. One SLURM cluster per run: two
-# would both number their jobs from 1 (fixed per-job ports 12000 + id) and share the node's two CPUs.
-SHARED_RESOURCE_GROUPS = {"slurm_cluster": "slurm"}
-
-
-def _group_names(item: pytest.Item) -> list[str]:
-    return sorted({str(mark.args[0] if mark.args else mark.kwargs.get("name", "default"))
-                   for mark in item.iter_markers("xdist_group")})
-
-
-def _set_nodeid(item: pytest.Item, nodeid: str) -> None:
-    if hasattr(item, "_id"):  # pytest >= 9.2 keeps a structured id; xdist 3.8 still writes the old _nodeid
-        from _pytest.nodeid import NodeId
-
-        item._id = NodeId.parse(nodeid)
-    else:
-        item._nodeid = nodeid
-
-
-@pytest.hookimpl(trylast=True)  # after xdist's own hook, which suffixes node ids on older pytest only
-def pytest_collection_modifyitems(config, items):
-    """Group the tests that use a shared resource (:data:`SHARED_RESOURCE_GROUPS`) for ``--dist loadgroup``.
-
-    xdist's scheduler reads a test's group from a ``@group`` suffix of its node id, which xdist 3.8 fails to
-    write under pytest 9.2 (pytest-dev/pytest-xdist#1386: every test is then scheduled on its own, silently).
-    So the suffix is written here when it is missing, and a run whose grouping would not hold stops.
-    """
-    for item in items:
-        for fixture, group in SHARED_RESOURCE_GROUPS.items():
-            if fixture in getattr(item, "fixturenames", ()) and group not in _group_names(item):
-                item.add_marker(pytest.mark.xdist_group(group))
-    if not getattr(config.option, "loadgroup", False):  # set on xdist workers under --dist loadgroup
-        return
-    for item in items:
-        names = _group_names(item)
-        if not names:
-            continue
-        suffix = "@" + "_".join(names)
-        if not item.nodeid.endswith(suffix):
-            _set_nodeid(item, item.nodeid + suffix)
-        if not item.nodeid.endswith(suffix):
-            raise pytest.UsageError(f"cannot put {item.nodeid} into xdist group {suffix[1:]} with this "
-                                    f"pytest / pytest-xdist; run serially (-n 0)")
 
 
 @pytest.fixture(scope="session")

@@ -185,6 +185,7 @@ def test_shutdown_joins_the_process_group_threads():
         assert not any("gloo" in name for name in record["after_shutdown"]), record
 
 
+@pytest.mark.alone  # a 3 s group timeout, measured in wall-clock time
 def test_hung_peer_ends_with_clear_error_not_a_hang():
     """Rank 1 sleeps 12 s; rank 0's all-reduce must fail after the 3 s group timeout with one line."""
     started = time.monotonic()
