@@ -127,27 +127,26 @@ def agreement_checks(device: torch.device, sizes: Sizes, limits: argparse.Namesp
     labels = torch.randint(0, num_classes, (4, 10, 10), generator=generator)
     labels[:, :2] = 255
     start = F.normalize(torch.randn(num_classes, sizes.agree_channels, generator=generator), dim=1)
-    packed = {}
-    states = {}
-    for where in (cpu, device):
-        packed[where.type] = batch_stats(rows.to(where), labels.to(where), num_classes).cpu()
-        states[where.type] = PrototypeState.from_prototypes(start.to(where))
-        stats_step(states[where.type], rows.to(where), labels.to(where), momentum=0.9)
-    scale = float(packed["cpu"].abs().max())
-    stats_diff = max(float((packed["cpu"] - packed[device.type]).abs().max()) / scale,
-                     float((states["cpu"].prototypes - states[device.type].prototypes.cpu()).abs().max()))
+    packed, states = {}, {}
+    for name, where in (("reference", cpu), ("device", device)):
+        packed[name] = batch_stats(rows.to(where), labels.to(where), num_classes).cpu()
+        states[name] = PrototypeState.from_prototypes(start.to(where))
+        stats_step(states[name], rows.to(where), labels.to(where), momentum=0.9)
+    scale = float(packed["reference"].abs().max())
+    stats_diff = max(float((packed["reference"] - packed["device"]).abs().max()) / scale,
+                     float((states["reference"].prototypes - states["device"].prototypes.cpu()).abs().max()))
 
-    photo_logits, photos = sample_batch(2, sizes.crf_size, labels=2)
+    _, photos = sample_batch(2, sizes.crf_size, labels=2)
     grid = sizes.crf_size // 8
     maps = planted_features(2, sizes.agree_channels, grid, seed=3)
     prototypes = F.normalize(torch.randn(num_classes, sizes.agree_channels, generator=generator), dim=1)
     crf_fn = crf_from_config(Config().crf)
     pseudo = {}
-    for where in (cpu, device):
+    for name, where in (("reference", cpu), ("device", device)):
         result = make_pseudo_labels(maps.to(where), (photos / 255.0).to(where), prototypes.to(where), crf_fn=crf_fn,
                                     label_size=(sizes.crf_size, sizes.crf_size))
-        pseudo[where.type] = result.labels.cpu()
-    pseudo_agreement = float((pseudo["cpu"] == pseudo[device.type]).float().mean())
+        pseudo[name] = result.labels.cpu()
+    pseudo_agreement = float((pseudo["reference"] == pseudo["device"]).float().mean())
 
     results = {"mask_logits_min_ari": ari, "crf_argmax_agreement": crf, "stats_max_difference": stats_diff,
                "pseudo_label_agreement": pseudo_agreement}
@@ -267,9 +266,12 @@ def syncs_per_step(device: torch.device, sizes: Sizes, mode: str, out: Path) -> 
     caught: list[warnings.WarningMessage] = []
     marks: list[int] = []
 
+    def sync_warnings() -> list[warnings.WarningMessage]:
+        return [record for record in caught if "synchroniz" in str(record.message)]
+
     def loader():
         for _ in range(steps):
-            marks.append(len(caught))
+            marks.append(len(sync_warnings()))  # a step boundary: the trainer takes one batch per step
             yield {"image": photos}
 
     trainer = Trainer(cfg, DistEnv(device=device), backbone=backbone, loader=loader(), tracker=NullTracker())
@@ -283,11 +285,10 @@ def syncs_per_step(device: torch.device, sizes: Sizes, mode: str, out: Path) -> 
         finally:
             if device.type == "cuda":
                 torch.cuda.set_sync_debug_mode("default")
-    marks.append(len(caught))
+    marks.append(len(sync_warnings()))
     per_step = [after - before for before, after in zip(marks, marks[1:])]
     first_em = cfg.train.pca_steps + cfg.train.kmeans_steps
-    sync_records = [r for r in caught if "synchroniz" in str(r.message)]
-    sites = Counter(f"{r.filename.removeprefix(str(REPO) + os.sep)}:{r.lineno}" for r in sync_records)
+    sites = Counter(f"{r.filename.removeprefix(str(REPO) + os.sep)}:{r.lineno}" for r in sync_warnings())
     counted = device.type == "cuda"
     return {
         "counted": counted,  # set_sync_debug_mode works on CUDA only; the dry run just exercises the steps
