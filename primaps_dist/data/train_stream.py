@@ -10,6 +10,7 @@ samples of each of its streams, uint8, plus the streams' new positions.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -149,29 +150,76 @@ def stream_events(
         visit, emitted = visit + 1, 0
 
 
+def _local_samples_from(path: str, first: int) -> Iterator[tuple[int, dict | ShardProblem]]:
+    """(index, raw sample) of a local tar shard from sample ``first`` on, found through the tar headers: the
+    members of earlier samples are skipped by seeking, not read (what makes a resume late in a shard cheap)."""
+    import tarfile
+
+    from webdataset.tariterators import base_plus_ext
+
+    index, previous, pending = -1, None, None
+    try:
+        with tarfile.open(path, mode="r:") as archive:
+            for info in archive:
+                if not info.isreg():
+                    continue
+                prefix, suffix = base_plus_ext(info.name)
+                if prefix is None:
+                    continue
+                if prefix != previous:
+                    if pending is not None:
+                        yield index, pending
+                    index, previous, pending = index + 1, prefix, None
+                    if index >= first:
+                        pending = {"__key__": prefix, "__shard__": path}
+                if pending is not None:
+                    pending[suffix.lower()] = archive.extractfile(info).read()
+                archive.members = []  # keep no headers
+    except (tarfile.TarError, OSError, EOFError, ValueError) as err:
+        yield -1, ShardProblem(path, previous, f"truncated or corrupt tar ({err})")
+        return
+    if pending is not None:
+        yield index, pending
+
+
+def _numbered_samples(path: str, first: int) -> Iterator[tuple[int, dict | ShardProblem]]:
+    """(index, raw sample) from sample ``first`` on, and (-1, problem); local shards skip to ``first`` by their
+    headers, other sources read the samples before it (tar bytes only, not decoded)."""
+    if first > 0 and os.path.isfile(str(path)):
+        yield from _local_samples_from(str(path), first)
+        return
+    index = 0
+    for item in read_shard(path):
+        if isinstance(item, ShardProblem):
+            yield -1, item
+        else:
+            yield index, item
+            index += 1
+
+
 def _visit(spec: StreamSpec, visit: int, slot: int, path: str, count: int, emitted: int,
            opened: Callable[[str], None]) -> Iterator[tuple[int, int, Decoded | ShardProblem]]:
     order = visit_order(spec.seed, spec.salt, slot, count, spec.layout.capacity)
     when = np.empty(count, dtype=np.int64)
     when[order] = np.arange(count)
-    replayed = int(order[:emitted].max()) if emitted else -1  # items read again after a resume, not decoded
+    first_needed = int(order[emitted:].min())  # a resume skips the samples before it
     opened(path)
-    reader = read_shard(path)
+    reader = _numbered_samples(path, first_needed)
     held: dict[int, Decoded | ShardProblem] = {}
-    read = 0
+    last = -1
     exhausted = False
     try:
         for position in range(emitted, count):
             wanted = int(order[position])
             while wanted not in held and not exhausted:
-                item = next(reader, None)
+                index, item = next(reader, (None, None))
                 if item is None:
                     exhausted = True
                 elif isinstance(item, ShardProblem):
-                    if read > replayed:
+                    if emitted == 0 or last >= first_needed:  # not one a resumed visit met before
                         yield visit, position, item
                 else:
-                    index, read = read, read + 1
+                    last = index
                     if index < count and when[index] >= emitted:
                         held[index] = _decode(spec, item, slot, index)
             result = held.pop(wanted, None)
