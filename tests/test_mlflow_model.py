@@ -4,6 +4,8 @@ training."""
 
 import json
 import os
+import re
+import shlex
 import time
 import urllib.request
 
@@ -12,7 +14,7 @@ import pytest
 import torch
 
 from support.demo import CROP, NUM_CLASSES, tiny_train_args
-from support.env import VENV_BIN, child_env
+from support.env import PYTHON, REPO, VENV_BIN, child_env
 from support.net import free_port
 from support.run import Background, module_command, run_checked, run_main_in_process, wait_until
 
@@ -62,6 +64,13 @@ def test_pyfunc_model_gives_the_segmenters_maps(exported, tmp_path):
     assert all(torch.equal(got, ids) for got, ids in zip(from_mlflow, expected))
 
 
+def readme_mlflow_block() -> str:
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## Use a trained model", 1)[1].split("\n## ", 1)[0]
+    (block,) = [b for b in re.findall(r"```bash\n(.*?)```", section, flags=re.S) if "mlflow models serve" in b]
+    return block
+
+
 def _post(url: str, payload: dict) -> dict:
     request = urllib.request.Request(url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=120) as response:
@@ -97,17 +106,26 @@ def test_training_logs_and_registers_the_model_and_mlflow_serves_it(demo_data, t
     assert version.run_id == run.info.run_id and str(version.version) == "1"
     metrics = json.loads((out / "eval" / "metrics.json").read_text())
 
+    # The README's MLflow block, as written, with this run's id and a free port.
     port = free_port()
     model_uri = f"runs:/{run.info.run_id}/segmenter"
-    serve = [str(VENV_BIN / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
-             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    serve_line, curl_line, python_line = [
+        line.split("  #")[0].replace("<run id>", run.info.run_id).replace("5001", str(port))
+        for line in readme_mlflow_block().splitlines() if line.strip()]
+    serve = shlex.split(serve_line)
+    assert serve[:3] == ["mlflow", "models", "serve"] and model_uri in serve
     batch = images_batch(count=3)
-    with Background(serve, env, tmp_path / "serve.log", cwd=tmp_path) as server:
+    (tmp_path / "request.json").write_text(json.dumps({"inputs": batch.tolist()}))
+    with Background([str(VENV_BIN / "mlflow"), *serve[1:]], env, tmp_path / "serve.log", cwd=tmp_path) as server:
         wait_until(lambda: _ping(f"http://127.0.0.1:{port}/ping"), 240, "mlflow models serve to answer", alive=server)
         _post(f"http://127.0.0.1:{port}/invocations", {"inputs": batch[:1].tolist()})  # warm-up
         begin = time.perf_counter()
         served = np.asarray(_post(f"http://127.0.0.1:{port}/invocations", {"inputs": batch.tolist()})["predictions"])
         latency = (time.perf_counter() - begin) / len(batch)
+        curl = run_checked(shlex.split(curl_line), env=env, cwd=tmp_path, timeout=120)
+        assert np.array_equal(np.asarray(json.loads(curl.stdout)["predictions"]), served)
+    printed = run_checked([PYTHON, *shlex.split(python_line)[1:]], env=env, cwd=tmp_path, timeout=300)
+    assert printed.stdout.strip() == "(1, 64, 64)", printed.describe()
     os.environ["MLFLOW_TRACKING_URI"] = uri
     try:
         loaded = mlflow.pyfunc.load_model(model_uri).predict(batch)
