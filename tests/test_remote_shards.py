@@ -91,6 +91,7 @@ def test_http_folder_is_listed_by_its_index_and_reads_like_local(http, shard_fol
     assert resolve_shards(f"{http.url}/index.json", transport_cfg()) == refs
     braces = resolve_shards(f"{http.url}/{{000001..000002}}.tar", transport_cfg())
     assert braces == refs[1:] and [ref.n_bytes for ref in braces] == [ref.n_bytes for ref in refs[1:]]
+    assert [ref.n_samples for ref in braces] == [PER_SHARD] * 2  # from the index.json beside them
 
 
 def test_shard_refs_are_strings_and_pickle_with_their_transport(http):

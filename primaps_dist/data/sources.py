@@ -307,6 +307,21 @@ def _remote_index_refs(index_url: str, key: str, transport: Transport) -> list[S
             for name, samples, size in _index_entries(index, index_url, key)]
 
 
+def _neighbour_index_counts(urls: Sequence[str], transport: Transport) -> dict[str, int]:
+    """url -> sample count from an ``index.json`` in the shards' folder, where there is one (else nothing: the
+    loader then counts a shard's samples by reading it once)."""
+    counts: dict[str, int] = {}
+    for folder in sorted({url.rsplit("/", 1)[0] for url in urls}):
+        fs, path = filesystem(f"{folder}/{INDEX_NAME}", transport)
+        try:
+            index = json.loads(fs.cat_file(path))
+            entries = _index_entries(index, folder, "")
+        except Exception:  # no index, or not one of ours: the shards themselves were checked
+            continue
+        counts.update({f"{folder}/{name}": samples for name, samples, _ in entries if samples is not None})
+    return counts
+
+
 def _remote_file_refs(urls: Sequence[str], key: str, transport: Transport) -> list[ShardRef]:
     """Explicit remote .tar URLs or globs: listed (globs) and checked (size) at once, in parallel."""
     fs, _ = filesystem(urls[0], transport)
@@ -334,12 +349,14 @@ def _remote_file_refs(urls: Sequence[str], key: str, transport: Transport) -> li
         info = with_retries(url, transport, lambda: fs.info(filesystem(url, transport)[1]), "check the shard")
         return info.get("size")
 
+    counts = _neighbour_index_counts(expanded, transport)
+
     with ThreadPoolExecutor(max_workers=min(16, len(expanded))) as pool:
         futures = [pool.submit(size_of, url) for url in expanded]
         refs, failures = [], []
         for url, future in zip(expanded, futures):
             try:
-                refs.append(ShardRef(url, None, future.result(), transport))
+                refs.append(ShardRef(url, counts.get(url), future.result(), transport))
             except Exception as err:
                 failures.append((url, err))
     if failures:
