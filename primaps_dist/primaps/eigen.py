@@ -93,6 +93,7 @@ def top_direction(
 
     converged = ~active
     frozen = converged[:, None, None]
+    identity = torch.eye(basis.shape[1], dtype=basis.dtype, device=basis.device)
     rows = basis
     gram_rows = basis @ gram if gram_basis is None else gram_basis
     applied = apply_covariance(rows, gram_rows)
@@ -112,11 +113,10 @@ def top_direction(
         projected = 0.5 * (projected + projected.transpose(1, 2))
         values, rotation = torch.linalg.eigh(projected)
         rotation = rotation.flip(-1).transpose(1, 2)  # rows = Ritz coefficients, largest first
-        # Images converged earlier keep their Ritz vectors (a second Rayleigh-Ritz step on them
-        # would rotate them by rounding noise).
-        rows = torch.where(frozen, rows, rotation @ rows)
-        gram_rows = torch.where(frozen, gram_rows, rotation @ gram_rows)
-        applied = torch.where(frozen, applied, rotation @ applied)
+        # Images converged earlier keep their Ritz vectors (a second Rayleigh-Ritz step would rotate
+        # them by rounding noise): the identity rotation reproduces them bitwise (x * 1 + 0 * y = x).
+        rotation = torch.where(frozen, identity, rotation)
+        rows, gram_rows, applied = rotation @ rows, rotation @ gram_rows, rotation @ applied
         smallest = values[:, 0] if smallest is None else torch.where(converged, smallest, values[:, 0])
         top = values[:, -1]
         residual = torch.linalg.vector_norm(applied[:, 0] - top[:, None] * rows[:, 0], dim=1)

@@ -37,9 +37,10 @@ def reference_orientation(
     reproduces the CPU's orientation.
 
     For tall ``A``, ``Q^T A`` is not formed from the features: with ``A E = Q R``,
-    ``Q^T A = R^-T E^T (A^T A)``, and ``E^T A^T A`` follows from the running Gram matrix. One pass
-    over the stored features (``A M``, three columns, plus ``points @ direction`` for the caller) is
-    all this costs.
+    ``Q^T A = R^-T E^T (A^T A)``, and ``E^T A^T A`` follows from the running Gram matrix. For wide
+    ``A``, ``A Q = (A E) R_E^-1`` with ``E = Q R_E``. One pass over the stored features (``A E``,
+    three columns, plus ``points @ direction`` for the caller) and one transfer to the host are all
+    this costs on the device.
 
     direction [b, C] unit top eigenvector, top3 [b, k, C] orthonormal rows by decreasing eigenvalue
     (k >= 1, first row ~ direction), top3_gram [b, k, C] = top3 @ G (G the running Gram matrix)
@@ -47,49 +48,46 @@ def reference_orientation(
     """
     batch, channels = direction.shape
     device = direction.device
-    count = state.free_count.cpu()
+    count = state.free_count_host
     rank = min(3, top3.shape[1], channels)
     width = int(count.max())
     signs = torch.ones(batch, dtype=torch.float32)
-    tall = count >= channels  # pca_lowrank keeps A as it is; otherwise it works on A^T
-    wide_rows = (~tall).nonzero().squeeze(1)
-    # Per image one [C, q] matrix M: E for tall images, Q = qr(E).Q for wide ones; one pass over the
-    # stored features then gives A M at every row (covered rows are dropped by the gather below).
-    rows = top3[:, :rank].contiguous()  # E^T [b, q, C]
-    if wide_rows.numel():
-        wide_index = wide_rows.to(device)
-        wide_q = torch.linalg.qr(rows[wide_index].transpose(1, 2).cpu()).Q  # [w, C, q], Householder on the CPU
-        rows[wide_index] = wide_q.transpose(1, 2).to(device)
-    free_count = state.free_count.clamp(min=1).to(torch.float32)
-    free_mean = state.free_sum / free_count[:, None]  # [b, C]
+    rows = top3[:, :rank]  # E^T [b, q, C]
     # [b, Q+1, C] @ (a transposed view of [b, 1+q, C]) takes a GEMM path several times faster on
     # CPU than a contiguous [b, C, 1+q] operand.
     products = state.points @ torch.cat([direction.unsqueeze(1), rows], dim=1).transpose(1, 2)
     direction_dots = products[:, :, 0]
     if width < 1:
         return signs.to(device), direction_dots
+    free_mean = state.free_sum / state.free_count.clamp(min=1).to(torch.float32)[:, None]  # [b, C]
     projected = products[:, :, 1:] - (rows @ free_mean.unsqueeze(2)).transpose(1, 2)
     order, valid = compact_order(state.free, state.free_count, width)
     compact = projected.gather(1, order.unsqueeze(2).expand(-1, -1, rank)) * valid.unsqueeze(2)
-    compact = compact.cpu()  # [b, width, q]: A M, free rows in row-major order, zero padding after them
-    cpu_direction = direction.cpu()
+    # E^T A^T A = E^T G - (E^T S) S^T / n with S the free sum (A = free rows minus their mean).
+    covariance_rows = top3_gram[:, :rank] - (rows @ state.free_sum.unsqueeze(2)) * free_mean.unsqueeze(1)
+    pieces = (compact, covariance_rows, rows, direction)
+    host = torch.cat([piece.reshape(batch, -1) for piece in pieces], dim=1).cpu()  # the one transfer
+    compact, covariance_rows, rows, cpu_direction = (
+        chunk.reshape(piece.shape)
+        for chunk, piece in zip(host.split([piece[0].numel() for piece in pieces], dim=1), pieces)
+    )  # compact: [b, width, q] A E, free rows in row-major order, zero padding after them
 
+    tall = count >= channels  # pca_lowrank keeps A as it is; otherwise it works on A^T
     tall_rows = tall.nonzero().squeeze(1)
     if tall_rows.numel():
         # Zero rows after the free ones leave Householder QR unchanged: its reflectors are zero there.
         triangle = torch.linalg.qr(compact[tall_rows]).R  # [t, q, q]
-        # E^T A^T A = E^T G - (E^T S) S^T / n with S the free sum (A = free rows minus their mean).
-        covariance_rows = top3_gram[:, :rank] - (top3[:, :rank] @ state.free_sum.unsqueeze(2)) * (
-            free_mean.unsqueeze(1)
-        )
         small = torch.linalg.solve_triangular(
-            triangle.transpose(1, 2), covariance_rows.cpu()[tall_rows], upper=False
+            triangle.transpose(1, 2), covariance_rows[tall_rows], upper=False
         )  # Q^T A [t, q, C]
         # A rank-deficient A E (e.g. constant features) has no defined orientation: any finite input.
         small = torch.nan_to_num(small, nan=0.0, posinf=0.0, neginf=0.0)
         right = torch.linalg.svd(small, full_matrices=False).Vh[:, 0]  # [t, C]
         signs[tall_rows] = torch.where((right * cpu_direction[tall_rows]).sum(dim=1) < 0, -1.0, 1.0)
+    wide_rows = (~tall).nonzero().squeeze(1)
     if wide_rows.numel():
+        wide_q, wide_r = torch.linalg.qr(rows[wide_rows].transpose(1, 2))  # Householder on the CPU
+        wide_compact = torch.linalg.solve_triangular(wide_r, compact[wide_rows], upper=True, left=False)  # A Q
         # LAPACK orients U differently once zero columns pad B, so every image gets its exact
         # [q', n_free] matrix; images with equal free counts share one batched call.
         wide_count = count[wide_rows]
@@ -98,7 +96,7 @@ def reference_orientation(
                 continue
             same = (wide_count == free_positions).nonzero().squeeze(1)
             used = min(rank, free_positions)  # pca_lowrank's q = min(3, n_free, C)
-            exact = compact[wide_rows[same], :free_positions, :used].transpose(1, 2)  # B = (A Q)^T [w', q', n]
+            exact = wide_compact[same, :free_positions, :used].transpose(1, 2)  # B = (A Q)^T [w', q', n]
             left = torch.linalg.svd(exact, full_matrices=False).U[:, :, 0]  # [w', q']
             oriented = (wide_q[same, :, :used] @ left.unsqueeze(2)).squeeze(2)  # Q U[:, 0] [w', C]
             signs[wide_rows[same]] = torch.where((oriented * cpu_direction[wide_rows[same]]).sum(dim=1) < 0, -1.0, 1.0)

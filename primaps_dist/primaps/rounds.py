@@ -54,6 +54,7 @@ class WorkingSet:
         "rows", "points", "inverse_norm", "position", "mean", "gram", "free_sum", "total_variance",
         "free", "free_count", "basis", "gram_basis", "smallest_ritz", "running", "counts", "mask_id", "mask_value",
     )
+    _HOST_STATE = ("free_count_host", "running_host")
 
     def __init__(self, features: torch.Tensor, block: int):
         batch, channels, height, width = features.shape
@@ -80,27 +81,35 @@ class WorkingSet:
         # F.normalize's eps; exactly 0 at zero vectors, whose centred dot products only cancel up to
         # rounding (the residue times 1e12 would make them look like the most similar positions).
         self.inverse_norm = F.pad(torch.where(norm > 0, 1.0 / norm.clamp(min=1e-12), 0.0), (0, 1))  # [b, Q+1]
-        self.position = F.pad(torch.arange(positions, device=device), (0, 1), value=-1).expand(batch, -1)
+        # The zero row's position is a sink column P of mask_id / mask_value.
+        self.position = F.pad(torch.arange(positions, device=device), (0, 1), value=positions).expand(batch, -1)
         self.free = F.pad(torch.ones(batch, positions, dtype=torch.bool, device=device), (0, 1))
         self.free_count = torch.full((batch,), positions, dtype=torch.int64, device=device)
         self.running = torch.ones(batch, dtype=torch.bool, device=device)
+        # CPU copies of free_count and running, refreshed by one transfer per round (bookkeeping
+        # decisions read these, so the loop does not wait on the device for each of them).
+        self.free_count_host = torch.full((batch,), positions, dtype=torch.int64)
+        self.running_host = torch.ones(batch, dtype=torch.bool)
         self.counts = torch.zeros(batch, dtype=torch.int64, device=device)
-        self.mask_id = torch.zeros(batch, positions, dtype=torch.int64, device=device)  # [b, P]
-        self.mask_value = torch.zeros(batch, positions, dtype=torch.float32, device=device)  # [b, P]
+        self.mask_id = torch.zeros(batch, positions + 1, dtype=torch.int64, device=device)  # [b, P + 1]
+        self.mask_value = torch.zeros(batch, positions + 1, dtype=torch.float32, device=device)  # [b, P + 1]
 
     @property
     def zero_row(self) -> int:
         return self.points.shape[1] - 1
 
     def keep_only(self, selection: torch.Tensor) -> None:
-        """Drop images: keep working rows ``selection`` [b'] int64."""
+        """Drop images: keep working rows ``selection`` [b'] int64 (on the CPU)."""
+        for name in self._HOST_STATE:
+            setattr(self, name, getattr(self, name)[selection])
+        selection = selection.to(self.rows.device)
         for name in self._STATE:
             value = getattr(self, name)
             setattr(self, name, None if value is None else value[selection])
 
     def drop_covered_rows(self) -> None:
         """Shrink the stored rows to the largest free count of the working images."""
-        width = int(self.free_count.max())
+        width = int(self.free_count_host.max())
         if width == 0 or width > self.zero_row // 2:
             return
         order, _ = compact_order(self.free, self.free_count, width)
@@ -129,21 +138,23 @@ class WorkingSet:
 
     def record(self, keep: torch.Tensor, values: torch.Tensor) -> None:
         """Store proposal ``counts`` with soft ``values`` [b, Q] at the ``keep`` [b, Q] columns."""
-        image, column = keep.nonzero(as_tuple=True)
-        position = self.position[image, column]
-        self.mask_id[image, position] = self.counts[image]
-        self.mask_value[image, position] = values[image, column]
+        # Stored rows have distinct positions (the zero row writes the sink), so the scatters are
+        # deterministic; no data-dependent sizes, so no wait on the device.
+        kept_id = torch.where(keep, self.counts[:, None], self.mask_id.gather(1, self.position))
+        self.mask_id.scatter_(1, self.position, kept_id)
+        kept_value = torch.where(keep, values, self.mask_value.gather(1, self.position))
+        self.mask_value.scatter_(1, self.position, kept_value)
 
-    def cover(self, keep: torch.Tensor) -> None:
+    def cover(self, keep: torch.Tensor, newly: torch.Tensor, counts: torch.Tensor) -> None:
         """Mark ``keep`` [b, Q] rows covered; down-date the Gram matrix and the free sum.
+
+        newly [b] = ``keep.sum(1)``, counts: the same on the host.
 
         The newly covered rows are gathered into zero-padded [m, width, C] blocks, so a down-date is
         a batched rank-``width`` update (padding rows contribute nothing). Images are grouped by the
         power of two above their count: padding every image to the batch's largest count did 3.4x
         the necessary work on planted 384 x 40 x 40 maps.
         """
-        newly = keep.sum(dim=1)
-        counts = newly.cpu()
         widest = int(counts.max())
         if widest > 0:
             order, valid = compact_order(keep, newly, widest)
@@ -168,7 +179,6 @@ class WorkingSet:
             if not carry_basis:
                 self.gram_basis = None
         self.free = self.free & ~keep
-        self.free_count = self.free_count - newly
 
 def _proposal_round(state: WorkingSet, threshold: float, coverage: float, max_masks: int) -> None:
     """One PriMaPs round for every running image of the working set (updates ``state`` in place)."""
@@ -188,10 +198,16 @@ def _proposal_round(state: WorkingSet, threshold: float, coverage: float, max_ma
 
     state.counts = state.counts + productive.to(torch.int64)
     state.record(keep, similarity / torch.where(productive, peak, 1.0)[:, None])
-    state.cover(keep)
+    newly = keep.sum(dim=1)
+    state.free_count = state.free_count - newly
     # Same float32 comparison as the reference's `(covered / numel) < 0.95` loop condition.
     covered_fraction = (state.positions - state.free_count).to(torch.float32) / state.positions
     state.running = productive & (covered_fraction < coverage) & (state.counts < max_masks)
+    # The round's one transfer of bookkeeping to the host: the down-date's widths, the next
+    # round's tall / wide split and row compaction, the loop's stopping decision.
+    host = torch.stack([newly, state.free_count, state.running.to(torch.int64)]).cpu()
+    state.free_count_host, state.running_host = host[1], host[2].bool()
+    state.cover(keep, newly, host[0])
 
 
 def proposal_maps(
@@ -208,17 +224,17 @@ def proposal_maps(
     counts = torch.zeros(batch, dtype=torch.int64, device=device)
 
     def store(rows_state: WorkingSet) -> None:
-        mask_id[rows_state.rows] = rows_state.mask_id
-        mask_value[rows_state.rows] = rows_state.mask_value
+        mask_id[rows_state.rows] = rows_state.mask_id[:, :-1]
+        mask_value[rows_state.rows] = rows_state.mask_value[:, :-1]
         counts[rows_state.rows] = rows_state.counts
 
     for _ in range(int(max_masks)):
-        running = int(state.running.sum())
+        running = int(state.running_host.sum())
         if running == 0:
             break
         if running <= _COMPACT_FRACTION * state.rows.numel():
             store(state)
-            state.keep_only(state.running.nonzero().squeeze(1))
+            state.keep_only(state.running_host.nonzero().squeeze(1))
         state.drop_covered_rows()
         _proposal_round(state, float(threshold), float(coverage), int(max_masks))
     store(state)
