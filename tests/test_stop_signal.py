@@ -11,6 +11,7 @@ import torch
 
 from primaps_dist import distributed
 from primaps_dist.distributed import DistEnv
+from primaps_dist.errors import UserError
 from primaps_dist.train import EXIT_PREEMPTED, Trainer
 from primaps_dist.train_state import load_train_state
 from test_trainer_inprocess import RecordingTracker, TinyBackbone, quadrant_images, tiny_config
@@ -57,3 +58,25 @@ def test_uint8_batches_train_like_float_batches(tmp_path):
         assert trainer.run() == 0
         results.append(trainer.state.prototypes)
     assert torch.equal(results[0], results[1])
+
+
+def test_a_rank_that_cannot_see_rank_0s_checkpoint_stops_naming_output_dir(tmp_path, monkeypatch):
+    """Rank 0 picks the checkpoint and every rank gets its choice; when another rank cannot read that folder (a
+    node-local output dir), the run stops with one line naming train.output_dir."""
+    cfg = tiny_config(tmp_path / "run", "stats")
+    first = Trainer(cfg, DistEnv(), backbone=TinyBackbone(), loader=iter([{"image": quadrant_images(i)} for i in range(3)]),
+                    tracker=RecordingTracker())
+    assert first.run() == 0
+    trainer = Trainer(cfg, DistEnv(), backbone=TinyBackbone(), loader=iter([]), tracker=RecordingTracker())
+    assert trainer.choose_checkpoint().name == "step_000000003"
+    gathered = iter([None, [False, True, False]])  # rank 0's choice is kept; ranks 0 and 2 do not see it
+
+    def two_views(obj):
+        answer = next(gathered)
+        return [obj, obj, obj] if answer is None else answer
+
+    monkeypatch.setattr(distributed, "all_gather_object", two_views)
+    with pytest.raises(UserError) as err:
+        trainer.choose_checkpoint()
+    message = str(err.value)
+    assert "\n" not in message and "train.output_dir" in message and "rank(s) 0, 2" in message
