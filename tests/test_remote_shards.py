@@ -126,12 +126,9 @@ def test_server_down_at_start_is_retried_with_backoff_then_one_line_naming_the_u
 
 
 def test_gs_without_gcsfs_is_one_line_naming_the_key():
-    pytest.importorskip("fsspec")
-    try:
-        import gcsfs  # noqa: F401
-    except ImportError:
-        pass
-    else:
+    import importlib.util
+
+    if importlib.util.find_spec("gcsfs") is not None:
         pytest.skip("gcsfs is installed")
     with pytest.raises(ConfigError, match=r"^config key 'data.val_shards': gs://b/v/index.json: gs:// needs .*gcs"):
         resolve_shards("gs://b/v/", transport_cfg(), "data.val_shards")

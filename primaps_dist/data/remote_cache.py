@@ -26,7 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, BinaryIO, Sequence
 
 from primaps_dist.data.remote_stream import BLOCK_BYTES, RemoteStream
-from primaps_dist.data.sources import ShardRef, as_ref, describe_error, is_remote, url_scheme
+from primaps_dist.data.sources import ShardRef, as_ref
+from primaps_dist.data.transport import describe_error, is_remote, url_scheme
 
 log = logging.getLogger("primaps_dist.data")
 

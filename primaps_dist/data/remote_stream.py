@@ -4,7 +4,7 @@
 so memory stays bounded). When the connection fails or the body ends before the shard's size, it waits
 (exponential backoff) and reopens at the byte it reached (an HTTP ``Range`` request; from a server that ignores
 it, the bytes already handed out are read again and dropped; S3/GCS seek). After the last attempt the reader
-gets a :class:`~primaps_dist.data.sources.RemoteUnavailable`, so a partly read sample is never used.
+gets a :class:`~primaps_dist.data.transport.RemoteUnavailable`, so a partly read sample is never used.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import queue
 import threading
 from typing import Any
 
-from primaps_dist.data.sources import RemoteUnavailable, ShardRef, describe_error, filesystem, is_permanent, url_scheme
+from primaps_dist.data.sources import ShardRef
+from primaps_dist.data.transport import RemoteUnavailable, describe_error, filesystem, is_permanent, url_scheme
 
 log = logging.getLogger("primaps_dist.data")
 

@@ -19,7 +19,7 @@ from typing import Iterator
 
 from webdataset.tariterators import base_plus_ext
 
-from primaps_dist.data import remote_cache, sources
+from primaps_dist.data import remote_cache, sources, transport
 from primaps_dist.data.sources import ShardRef
 
 _BLOCK = 512
@@ -99,7 +99,7 @@ def read_shard(path: str) -> Iterator[dict | ShardProblem]:
     try:
         handle = remote_cache.open_shard(path)
     except OSError as err:
-        yield ShardProblem(path, None, f"cannot open shard ({err.strerror or sources.describe_error(err)})")
+        yield ShardProblem(path, None, f"cannot open shard ({err.strerror or transport.describe_error(err)})")
         return
     pending: dict | None = None
     members = 0
@@ -132,7 +132,7 @@ def read_shard(path: str) -> Iterator[dict | ShardProblem]:
             ends_cleanly = reader.zero_block_at(end_offset)
             reader.drain()
         except (FileNotFoundError, PermissionError) as err:
-            reason = err.strerror or sources.describe_error(err)
+            reason = err.strerror or transport.describe_error(err)
             if members == 0:
                 yield ShardProblem(path, None, f"cannot open shard ({reason})")
             else:
