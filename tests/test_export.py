@@ -183,3 +183,21 @@ def test_damaged_export_folder_is_refused(exported, tmp_path, damage, demo_data)
     result = run_main_in_process("primaps_dist.predict", ["--export", str(folder), "--images",
                                                           str(demo_data.val_images), "--out", str(tmp_path / "out")])
     assert_one_line_error(result, needle)
+
+
+def test_export_refuses_a_non_empty_output_folder(demo_checkpoint, tmp_path):
+    out = tmp_path / "model"
+    out.mkdir()
+    (out / "keep.txt").write_text("user data")
+    result = run_main_in_process("primaps_dist.cli", ["export", "--checkpoint", str(demo_checkpoint), "--out", str(out)])
+    assert_one_line_error(result, "--out", "not an empty folder")
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_from_mlflow_names_a_uri_without_a_model(tmp_path):
+    from primaps_dist import Segmenter
+    from primaps_dist.errors import UserError
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no primaps-dist export folder"):
+        Segmenter.from_mlflow(str(tmp_path / "empty"))
