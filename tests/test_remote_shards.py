@@ -428,3 +428,21 @@ def test_a_wrong_val_shards_path_stops_at_start_before_mlflow_or_the_backbone(de
     assert_one_line_error(result, "'data.val_shards'", str(missing))
     assert [line for line in result.stderr.splitlines() if line.strip()] == [last_line(result.stderr)]
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_bench_streaming_local_vs_remote_prints_the_ratios(tmp_path):
+    """The benchmark runs as ``make bench`` runs it (a script in its own process) and prints one row per source."""
+    import re
+
+    from support.env import PYTHON, REPO, child_env
+    from support.run import run_checked
+
+    result = run_checked([PYTHON, str(REPO / "bench" / "bench_streaming.py"), "--sections", "local_vs_remote",
+                          "--shards", "2", "--per-shard", "4", "--size", "96x64", "--batches", "2", "--rounds", "1"],
+                         env=child_env(tmp_path), cwd=tmp_path, timeout=300)
+    for source in ("local", "http", "s3"):
+        assert re.search(rf"^{re.escape(source)} +\d+\.\d +\d\.\d\d +\d+\.\d +\d\.\d\d$", result.stdout, re.M), \
+            result.stdout
+    assert re.search(r"^s3\+cache +\d+\.\d +\d\.\d\d$", result.stdout, re.M), result.stdout
+    assert re.search(r"worst of the remote rows: \d\.\d\d \(target >= 0\.8\)", result.stdout), result.stdout
