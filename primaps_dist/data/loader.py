@@ -15,8 +15,9 @@ Batches are dicts:
 Training (:mod:`.order`, :mod:`.train_stream`): the global batch of step t is a function of (seed, data set,
 global batch size, t) only. Rank r's batch is its contiguous block of the global batch, the same samples
 whatever ``data.num_workers``; each loader worker yields one piece per step and the pieces are put back in
-stream order here. Evaluation splits the samples (not the shards) into contiguous parts: every rank's count is
-within one of every other's, and every sample is read exactly once whatever the number of workers.
+stream order here. Evaluation (:mod:`.eval_loader`, re-exported here) splits the samples (not the shards) into
+contiguous parts: every rank's count is within one of every other's, and every sample is read exactly once
+whatever the number of workers.
 """
 
 from __future__ import annotations
@@ -24,20 +25,20 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, Iterator, Sequence
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from primaps_dist.errors import ConfigError, UserError
+from primaps_dist.errors import UserError
 from primaps_dist.labels import IGNORE_INDEX
 
-from .order import Layout, eval_ranges, make_layout, shard_sample_counts
-from .shardio import ShardProblem, read_shard, resolve_shards
-from .train_stream import StreamSpec, Tally, check_label_ids, train_pieces
-from .transforms import SampleError, decode_sample, eval_crop_box
+from .dataloading import data_loader, guard, public_batch, raise_error
+from .eval_loader import EvalLoader, make_eval_loader  # noqa: F401  (re-exported: the public loader API)
+from .order import Layout, make_layout, shard_sample_counts
+from .shardio import resolve_shards
+from .train_stream import StreamSpec, train_pieces
 
 log = logging.getLogger("primaps_dist.data")
 
@@ -50,67 +51,6 @@ def shards_fingerprint(shards: Sequence[str]) -> str:
     return hashlib.sha1(names.encode()).hexdigest()[:16]
 
 
-def _guard(items: Iterator[dict]) -> Iterator[dict]:
-    """Turn a worker's UserError into an error record (a DataLoader would wrap it in a traceback)."""
-    try:
-        yield from items
-    except UserError as err:
-        yield {"__error__": str(err)}
-
-
-def _raise_error(raw: dict) -> dict:
-    if "__error__" in raw:
-        raise UserError(raw["__error__"])
-    return raw
-
-
-def _no_collate(batch: Any) -> Any:
-    return batch
-
-
-def _fixed_mmap_threshold() -> None:
-    """Let glibc return freed large blocks (decoded images, crops) to the system at once: its adaptive mmap
-    threshold otherwise grows to 32 MiB and a worker's RSS grows by several times its buffers (measured: +191 MB
-    for a 32 MB shuffle-buffer budget, +22 MB with the fixed threshold; bench/streaming_elastic.py, rss)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass  # not glibc
-
-
-def _init_worker(_: int) -> None:
-    torch.set_num_threads(1)
-    _fixed_mmap_threshold()
-
-
-def _data_loader(dataset: IterableDataset, num_workers: int, pin_memory: bool = False) -> DataLoader:
-    return DataLoader(
-        dataset,
-        batch_size=None,
-        num_workers=num_workers,
-        collate_fn=_no_collate,
-        worker_init_fn=_init_worker if num_workers > 0 else None,
-        pin_memory=pin_memory,
-        prefetch_factor=2 if num_workers > 0 else None,
-    )
-
-
-def _public(raw: dict, crop: int, as_uint8: bool = False) -> dict:
-    """uint8 image / label (or None) -> the public batch layout."""
-    image, label = raw.pop("image"), raw.pop("label")
-    count = len(raw["key"])
-    if image is None:
-        image = torch.zeros(0, 3, crop, crop, dtype=torch.uint8)
-    raw["image"] = image if as_uint8 else image.float().div_(255.0)
-    if label is None:
-        raw["label"] = torch.full((count, crop, crop), IGNORE_INDEX, dtype=torch.int64)
-    else:
-        raw["label"] = label.long()
-    return raw
-
-
 # ------------------------------------------------------------------------------------------ training
 
 
@@ -121,7 +61,7 @@ class _TrainDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
-        return _guard(train_pieces(self.spec, info.id if info is not None else 0))
+        return guard(train_pieces(self.spec, info.id if info is not None else 0))
 
 
 def _stream_info(spec: StreamSpec) -> dict:
@@ -160,9 +100,9 @@ class TrainLoader:
     def __next__(self) -> dict:
         if self._iterator is None:
             self._iterator = iter(self._loader)
-        pieces = [_raise_error(next(self._iterator)) for _ in range(self._spec.num_workers)]
+        pieces = [raise_error(next(self._iterator)) for _ in range(self._spec.num_workers)]
         batch = self._merge(pieces)
-        return _public(batch, self._spec.crop, self._as_uint8)
+        return public_batch(batch, self._spec.crop, self._as_uint8)
 
     def _merge(self, pieces: list[dict]) -> dict:
         """Pieces of one step (one per worker) -> the rank's batch, samples in stream order."""
@@ -301,179 +241,5 @@ def make_train_loader(
         positions, salt, step = resumed
         mine = [(stream, *positions.get(stream, (0, 0))) for stream in layout.rank_streams(rank)]
         spec = replace(spec, salt=salt, start_step=step, positions=tuple(mine))
-    loader = _data_loader(_TrainDataset(spec), data_cfg.num_workers)
+    loader = data_loader(_TrainDataset(spec), data_cfg.num_workers)
     return TrainLoader(loader, spec, resumed is not None, as_uint8, pin_memory)
-
-
-# ------------------------------------------------------------------------------------------ evaluation
-
-
-@dataclass(frozen=True)
-class _EvalSpec:
-    shards: tuple[str, ...]
-    counts: tuple[int, ...]
-    shards_key: str
-    crop: int
-    batch_size: int
-    num_classes: int
-    max_corrupt_fraction: float
-    rank: int
-    world_size: int
-    num_workers: int  # logical workers (>= 1)
-    resize_short: int = 0
-
-
-def _eval_items(spec: _EvalSpec, worker: int) -> Iterator[dict | ShardProblem]:
-    """The raw samples (and problems) this worker owns: global positions in its range of :func:`eval_ranges`.
-
-    A problem is owned by the position of the sample it precedes (the shard's last sample at its end); an
-    empty shard by its start position, which for a trailing one is the last worker's.
-    """
-    total = sum(spec.counts)
-    begin, end = eval_ranges(list(spec.counts), spec.rank, spec.world_size, spec.num_workers)[worker]
-    last = spec.rank == spec.world_size - 1 and worker == spec.num_workers - 1
-    owns = lambda position: begin <= position < end or (last and position >= total)  # noqa: E731
-    start = 0
-    for path, count in zip(spec.shards, spec.counts):
-        first = start
-        start += count
-        if count == 0 and not owns(first):
-            continue
-        if count > 0 and (first + count <= begin or first >= end):
-            continue
-        read = 0
-        for item in read_shard(path):
-            position = first + (min(read, count - 1) if count else 0)
-            if isinstance(item, dict):
-                read += 1
-            if owns(position):
-                yield item
-
-
-def _eval_batches(spec: _EvalSpec, worker: int) -> Iterator[dict]:
-    tally = Tally(spec.max_corrupt_fraction, f"rank {spec.rank} eval worker {worker}")
-    images: list[np.ndarray] = []
-    labels: list[np.ndarray | None] = []
-    keys: list[str] = []
-    shards: list[str] = []
-    skipped = 0
-
-    def take() -> dict:
-        nonlocal images, labels, keys, shards, skipped
-        crop = spec.crop
-        image = torch.from_numpy(np.ascontiguousarray(np.stack(images).transpose(0, 3, 1, 2))) if images else None
-        label = None
-        if any(lab is not None for lab in labels):
-            label = torch.from_numpy(np.stack([lab if lab is not None else np.full((crop, crop), IGNORE_INDEX, np.uint8)
-                                               for lab in labels]))
-        batch = {"image": image, "label": label, "key": keys, "shard": shards, "skipped": skipped}
-        images, labels, keys, shards, skipped = [], [], [], [], 0
-        return batch
-
-    for item in _eval_items(spec, worker):
-        if isinstance(item, ShardProblem):
-            skipped += 1
-            tally.add_problem(item)
-            continue
-        try:
-            image, label = decode_sample(
-                item, with_labels=True, make_box=lambda size: eval_crop_box(size, spec.crop, spec.resize_short)
-            )
-        except SampleError as err:
-            skipped += 1
-            tally.add_problem(ShardProblem(item["__shard__"], item["__key__"], str(err)))
-            continue
-        tally.add_ok()
-        if label is not None:
-            check_label_ids(label, spec.num_classes, item["__shard__"], item["__key__"], spec.shards_key)
-        images.append(image)
-        labels.append(label)
-        keys.append(item["__key__"])
-        shards.append(item["__shard__"])
-        if len(images) == spec.batch_size:
-            yield take()
-    if images or skipped:
-        yield take()  # a last partial batch, or an empty one carrying the final skipped count
-
-
-class _EvalDataset(IterableDataset):
-    def __init__(self, spec: _EvalSpec):
-        super().__init__()
-        self.spec = spec
-
-    def __iter__(self) -> Iterator[dict]:
-        info = get_worker_info()
-        return _guard(_eval_batches(self.spec, info.id if info is not None else 0))
-
-
-class EvalLoader:
-    """Finite, ordered evaluation batches of one rank; iterate it once per evaluation pass.
-
-    After (or during) a pass, ``skipped`` is the number of unusable items this rank met, including
-    those after its last batch, and ``num_samples`` the number of samples handed out.
-    """
-
-    def __init__(self, spec: _EvalSpec, num_workers: int, pin_memory: bool):
-        self._spec = spec
-        self._num_workers = num_workers
-        self._pin_memory = pin_memory
-        self.skipped = 0
-        self.num_samples = 0
-
-    @property
-    def sample_range(self) -> tuple[int, int]:
-        """Global sample positions [start, end) this rank evaluates."""
-        ranges = eval_ranges(list(self._spec.counts), self._spec.rank, self._spec.world_size, 1)
-        return ranges[0]
-
-    def __iter__(self) -> Iterator[dict]:
-        self.skipped = 0
-        self.num_samples = 0
-        dataset = _EvalDataset(self._spec)
-        for raw in _data_loader(dataset, self._num_workers, self._pin_memory):
-            batch = _public(_raise_error(raw), self._spec.crop)
-            self.skipped += batch["skipped"]
-            if not batch["key"]:
-                continue
-            self.num_samples += len(batch["key"])
-            yield batch
-
-
-def make_eval_loader(
-    data_cfg,
-    *,
-    rank: int,
-    world_size: int,
-    shards: str | Sequence[str] | None = None,
-    resize_short: int = 0,
-    shards_key: str | None = None,
-    pin_memory: bool = False,
-) -> EvalLoader:
-    """Every sample of the split exactly once across all ranks, in a fixed order; labels decoded.
-
-    ``shards``: a shard spec (default ``data_cfg.val_shards``); ``shards_key`` names it in errors
-    (default ``data.val_shards``). Short side -> ``resize_short`` (0 = crop size), centre crop.
-    Label ids >= ``data_cfg.num_classes`` (other than 255) raise UserError naming the shard and key.
-    """
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} must be in [0, world_size={world_size})")
-    key = shards_key or ("data.val_shards" if shards is None else "shards")
-    resolved = resolve_shards(data_cfg.val_shards if shards is None else shards, key, data_cfg)
-    if resize_short and resize_short < data_cfg.crop_size:
-        raise ConfigError(
-            "eval.resize_short", f"must be 0 or >= data.crop_size ({data_cfg.crop_size}), got {resize_short}"
-        )
-    spec = _EvalSpec(
-        shards=tuple(resolved),
-        counts=tuple(shard_sample_counts(resolved)),
-        shards_key=key,
-        crop=data_cfg.crop_size,
-        batch_size=data_cfg.eval_batch_size,
-        num_classes=data_cfg.num_classes,
-        max_corrupt_fraction=data_cfg.max_corrupt_fraction,
-        rank=rank,
-        world_size=world_size,
-        num_workers=max(1, data_cfg.num_workers),
-        resize_short=resize_short,
-    )
-    return EvalLoader(spec, data_cfg.num_workers, pin_memory)
