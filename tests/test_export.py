@@ -201,3 +201,26 @@ def test_from_mlflow_names_a_uri_without_a_model(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="no primaps-dist export folder"):
         Segmenter.from_mlflow(str(tmp_path / "empty"))
+
+
+def test_export_keeps_flip_in_the_program_and_the_crf_in_the_config(demo_checkpoint, tmp_path):
+    from primaps_dist import Segmenter
+    from primaps_dist.segmenter import standalone
+
+    out = tmp_path / "model"
+    result = run_main_in_process("primaps_dist.cli", ["export", "--checkpoint", str(demo_checkpoint), "--out", str(out),
+                                                      "eval.flip=true", "eval.crf=true", "crf.iterations=3"])
+    assert result.returncode == 0, result.describe()
+    config = json.loads((out / "config.json").read_text())
+    assert config["flip"] is True and config["crf"]["iterations"] == 3
+    images = sample_images()[:2]
+    reference = Segmenter.from_checkpoint(demo_checkpoint, device="cpu", overrides=["crf.iterations=3"], flip=True,
+                                          crf=True)
+    for got, expected in zip(standalone.load(out).scores(images), reference.scores(images)):
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    loaded = Segmenter.from_export(out)
+    assert loaded.crf_fn is not None and loaded.crf_fn.keywords["iterations"] == 3
+    for got, expected in zip(loaded.segment(images), reference.segment(images)):
+        assert torch.equal(got, expected)
+    no_flip = Segmenter.from_checkpoint(demo_checkpoint, device="cpu").scores(images[:1])[0]
+    assert not torch.allclose(no_flip, reference.scores(images[:1])[0], atol=1e-3)  # the flip changes the scores
