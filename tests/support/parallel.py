@@ -97,6 +97,8 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.xdist_group("alone"))
     if not getattr(config.option, "loadgroup", False):  # set on xdist workers under --dist loadgroup
         return
+    # Slow tests first, so that the run ends with short ones on both workers instead of one long test on one.
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
     for item in items:
         names = _group_names(item)
         if not names:
