@@ -41,6 +41,8 @@ class _FaultyHandler(SimpleHTTPRequestHandler):
             server.requests.append(name)
             return super().do_GET()
         server.requests.append(name)
+        if ranged:
+            server.ranges.append((name, self.headers["Range"]))
         if not path.is_file():
             self.send_error(HTTPStatus.NOT_FOUND)
             return
@@ -73,6 +75,7 @@ class HttpShardServer:
         self.cuts_done = 0
         self.answer_ranges = False
         self.requests: list[str] = []
+        self.ranges: list[tuple[str, str]] = []  # (file, Range header) of the requests answered with 206
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_FaultyHandler, directory=self.root))
         self._server.owner = self
         self._server.daemon_threads = True
