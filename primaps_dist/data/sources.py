@@ -112,8 +112,10 @@ def _index_entries(index: Any, where: str, key: str) -> list[tuple[str, int | No
         if not isinstance(entry, dict) or not isinstance(entry.get("name"), str):
             raise ConfigError(key, f"{where}: every entry of 'shards' needs a 'name'")
         samples, size = entry.get("num_samples"), entry.get("num_bytes")
-        entries.append((entry["name"], int(samples) if samples is not None else None,
-                        int(size) if size is not None else None))
+        if not all(value is None or (isinstance(value, int) and value >= 0) for value in (samples, size)):
+            raise ConfigError(key, f"{where}: shard {entry['name']!r} has a num_samples or num_bytes that is not "
+                                   f"a count")
+        entries.append((entry["name"], samples, size))
     return entries
 
 
