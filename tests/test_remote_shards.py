@@ -456,3 +456,29 @@ def test_bench_streaming_local_vs_remote_prints_the_ratios(tmp_path):
             result.stdout
     assert re.search(r"^s3\+cache +\d+\.\d +\d\.\d\d$", result.stdout, re.M), result.stdout
     assert re.search(r"worst of the remote rows: \d\.\d\d \(target >= 0\.8\)", result.stdout), result.stdout
+
+
+@pytest.mark.slow
+def test_two_ranks_sharing_a_cache_dir_download_each_shard_once(demo_data, tmp_path):
+    """torchrun, 2 ranks with a loader worker each, train and val from HTTP through one data.cache_dir: the run
+    finishes, the server sends each shard at most once, the cache holds only complete shards."""
+    from support.demo import tiny_train_args
+    from support.env import child_env
+    from support.run import run_checked, torchrun_command
+
+    cache = tmp_path / "cache"
+    with HttpShardServer(demo_data.train_shards.parent) as server:
+        args = tiny_train_args(f"{server.url}/train/", tmp_path / "run", "data.num_workers=1",
+                               f"data.cache_dir={cache}", val_shards=f"{server.url}/val/")
+        run_checked(torchrun_command(2, "primaps_dist.train", *args), env=child_env(tmp_path), timeout=300)
+        shards = [name for name in server.requests if name.endswith(".tar")]
+        base = server.url
+    assert shards and len(shards) == len(set(shards)), shards
+    assert "val/000000.tar" in shards
+    cached = sorted(os.listdir(cache))
+    assert len([name for name in cached if name.endswith(".tar")]) == len(shards)
+    assert not [name for name in cached if name.endswith(".partial")]
+    layout = remote_cache.ShardCache(str(cache), 2**30)
+    for name in shards:  # each cached copy is the whole shard
+        copy = Path(layout.path_for(f"{base}/{name}"))
+        assert copy.read_bytes() == (demo_data.train_shards.parent / name).read_bytes()
