@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -46,10 +47,12 @@ def save_mlflow_model(export_dir: str | os.PathLike, path: str | os.PathLike, cr
     if path.exists():
         shutil.rmtree(path)
     example = np.zeros((1, crop_size, crop_size, 3), dtype=np.uint8)
-    mlflow.pyfunc.save_model(
-        str(path), python_model=str(CODE_FILE), artifacts={EXPORT_ARTIFACT: str(export_dir)},
-        signature=signature(), input_example=example, pip_requirements=["torch", "numpy", "mlflow"],
-    )
+    with warnings.catch_warnings():  # the explicit signature below replaces the type hints MLflow suggests
+        warnings.filterwarnings("ignore", message=".*type hints.*")
+        mlflow.pyfunc.save_model(
+            str(path), python_model=str(CODE_FILE), artifacts={EXPORT_ARTIFACT: str(export_dir)},
+            signature=signature(), input_example=example, pip_requirements=["torch", "numpy", "mlflow"],
+        )
     return path
 
 
