@@ -117,10 +117,10 @@ def main(argv: list[str] | None = None) -> int:
                 logits = mask_logits(features)
             counts = torch.isfinite(logits[:, 1:, 0, 0]).sum(dim=1)
             mask_ids = torch.empty(args.batch, *size, dtype=torch.int64)
-            for group in _label_groups(counts, size[0] * size[1]):
-                used = 1 + max(1, int(counts[group].max()))
+            for group, used in _label_groups(counts, size[0] * size[1]):
                 with split["upsample"]:
-                    scores = upsample_logits(logits[group, :used], size, memory_format=torch.channels_last)
+                    scores = upsample_logits(logits[group, :used], size, memory_format=torch.channels_last,
+                                             whole_channels=True)
                 with split["crf"]:
                     if crf_fn is not None:
                         scores = crf_fn(scores, _resize_images(images[group], size))

@@ -10,7 +10,11 @@ __all__ = ["argmax_channels", "upsample_logits"]
 
 
 def upsample_logits(
-    logits: torch.Tensor, size: tuple[int, int], memory_format: torch.memory_format = torch.contiguous_format
+    logits: torch.Tensor,
+    size: tuple[int, int],
+    memory_format: torch.memory_format = torch.contiguous_format,
+    *,
+    whole_channels: bool = False,
 ) -> torch.Tensor:
     """Bilinear (align_corners=False) resize of log-probabilities that may contain ``-inf``.
 
@@ -22,6 +26,10 @@ def upsample_logits(
 
     logits [B, L, h, w] float -> [B, L, H, W] float32 in ``memory_format`` (``torch.channels_last``
     makes the resize and a following ``argmax(1)`` several times faster on CPU).
+
+    ``whole_channels=True`` promises that every channel is ``-inf`` everywhere or nowhere (the proposal
+    logits of ``primaps.mask_logits``); the result is the same, and the call never waits for the device
+    (otherwise two host reads choose the path).
     """
     logits = logits.to(torch.float32)
     size = (int(size[0]), int(size[1]))
@@ -29,7 +37,9 @@ def upsample_logits(
     source = logits.masked_fill(forbidden, 0.0).contiguous(memory_format=torch.channels_last)
     resized = F.interpolate(source, size=size, mode="bilinear", align_corners=False)
     dead = forbidden.all(dim=3).all(dim=2)  # [B, L]
-    if bool((forbidden.any(dim=3).any(dim=2) & ~dead).any()):
+    if whole_channels:
+        resized.masked_fill_(dead[:, :, None, None], float("-inf"))
+    elif bool((forbidden.any(dim=3).any(dim=2) & ~dead).any()):
         reach = F.interpolate(forbidden.to(torch.float32), size=size, mode="bilinear", align_corners=False)
         resized = resized.masked_fill(reach > 0, float("-inf"))
     elif bool(dead.any()):

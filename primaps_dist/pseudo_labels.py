@@ -7,7 +7,8 @@ upsampling to the label size -> optional dense CRF -> ``argmax`` (mask id per pi
 the only loops are over memory-bounded chunks of images in the label-resolution stages.
 
 Along the way ``make_pseudo_labels`` records label-free health statistics (:class:`ProposalStats`) from
-tensors it has anyway: they stay on the device, and nothing here reads them back to the host.
+tensors it has anyway: they stay on the device, and nothing here reads them back to the host. Outside the
+proposal loop, a batch costs one host read: the proposal counts that size the label-resolution groups.
 """
 
 from __future__ import annotations
@@ -74,14 +75,15 @@ class PseudoLabels:
     stats: ProposalStats
 
 
-def _label_groups(counts: torch.Tensor, pixels: int) -> list[torch.Tensor]:
-    """Split the batch into groups of images (index tensors) for the label-resolution stage.
+def _label_groups(counts: torch.Tensor, pixels: int) -> list[tuple[torch.Tensor, int]]:
+    """Split the batch into groups of images for the label-resolution stage: ``(index tensor, channels)``.
 
     Images are taken in order of proposal count, so each group's channel count (its largest count
-    + 1) is tight; a group ends when its [n, L, H', W'] tensor would exceed ``_CHUNK_ELEMENTS`` or
-    when padding the group to the next image's count would cost more than ``_PADDING_LABELS`` label
-    maps (the resize, argmax and above all the CRF cost grows with n * L). Planning only: O(B)
-    scalar work.
+    + 1, at least 2) is tight; a group ends when its [n, L, H', W'] tensor would exceed ``_CHUNK_ELEMENTS``
+    or when padding the group to the next image's count would cost more than ``_PADDING_LABELS`` label
+    maps (the resize, argmax and above all the CRF cost grows with n * L). Planning only: O(B) scalar work
+    and the one host read of a pseudo-label step (the sorted counts decide tensor shapes; padding every
+    image to the batch's largest count instead would cost CRF work in proportion).
     """
     order = torch.argsort(counts, stable=True)
     labels = (counts[order] + 1).clamp(min=2).tolist()
@@ -93,13 +95,19 @@ def _label_groups(counts: torch.Tensor, pixels: int) -> list[torch.Tensor]:
             padding = members * (labels[index] - labels[index - 1]) > _PADDING_LABELS
             if not too_big and not padding:
                 continue
-        groups.append(order[start:index])
+        groups.append((order[start:index], labels[index - 1]))  # ascending: the last is the group's largest
         start = index
     return groups
 
 
 def assemble(
-    mask_ids: torch.Tensor, class_pred: torch.Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX
+    mask_ids: torch.Tensor,
+    class_pred: torch.Tensor,
+    num_classes: int,
+    ignore_index: int = IGNORE_INDEX,
+    *,
+    slots: Optional[int] = None,
+    check_values: bool = True,
 ) -> torch.Tensor:
     """Give every proposal the mode of the predicted classes inside it.
 
@@ -108,6 +116,11 @@ def assemble(
         class_pred: [B, H, W] int64 class per pixel in [0, num_classes).
         num_classes: K.
         ignore_index: label of background pixels (must not be a class id).
+        slots: a bound on the mask ids known on the host (ids lie in [0, slots)); None reads
+            ``mask_ids.max()`` back from the device.
+        check_values: check that ids and classes lie in range (reads them back from the device); callers
+            whose inputs are in range by construction (an argmax) pass False, and with ``slots`` given the
+            call then never waits for the device.
 
     Returns:
         [B, H, W] int64: the mode of ``class_pred`` over each proposal's pixels (ties -> smallest
@@ -129,14 +142,19 @@ def assemble(
     class_pred = class_pred.to(device=mask_ids.device, dtype=torch.int64)
     if mask_ids.numel() == 0:
         return torch.full_like(mask_ids, ignore_index)
-    if int(mask_ids.min()) < 0:
-        raise ValueError("mask_ids must be >= 0")
-    if int(class_pred.min()) < 0 or int(class_pred.max()) >= num_classes:
-        raise ValueError(f"class_pred must lie in [0, {num_classes})")
-    slots = int(mask_ids.max()) + 1
+    if check_values:
+        if int(mask_ids.min()) < 0:
+            raise ValueError("mask_ids must be >= 0")
+        if int(class_pred.min()) < 0 or int(class_pred.max()) >= num_classes:
+            raise ValueError(f"class_pred must lie in [0, {num_classes})")
+    if slots is None:
+        slots = int(mask_ids.max()) + 1
     image = torch.arange(batch, device=mask_ids.device)[:, None, None]
     key = ((image * slots + mask_ids) * num_classes + class_pred).reshape(-1)
-    histogram = torch.bincount(key, minlength=batch * slots * num_classes).reshape(batch, slots, num_classes)
+    # A fixed-size histogram: bincount on CUDA reads the key's maximum back to size its output.
+    histogram = torch.zeros(batch * slots * num_classes, dtype=torch.int64, device=mask_ids.device)
+    histogram.index_add_(0, key, torch.ones_like(key))
+    histogram = histogram.reshape(batch, slots, num_classes)
     # First maximum = smallest class id among the tied most frequent ones (explicit, backend-proof).
     peak = histogram.amax(dim=2, keepdim=True)
     classes = torch.arange(num_classes, device=mask_ids.device).expand_as(histogram)
@@ -211,10 +229,13 @@ def make_pseudo_labels(
     mask_ids = torch.empty(batch, *size, dtype=torch.int64, device=device)
     coverage_pre_crf = torch.empty(batch, dtype=torch.float32, device=device)
     images = images.to(device)
-    for part in _label_groups(counts, size[0] * size[1]):
-        used = 1 + max(1, int(counts[part].max()))  # drop channels no image of this group uses
+    groups = _label_groups(counts, size[0] * size[1])
+    for part, used in groups:  # used: 1 + the group's largest count; drops channels no image of it uses
         # Channels-last throughout: the CRF works pixel-major and argmax_channels reduces over channels.
-        part_logits = upsample_logits(logits[part, :used], size, memory_format=torch.channels_last)
+        # Proposal logits are -inf on whole channels only (unused proposals), so the resize needs no host check.
+        part_logits = upsample_logits(
+            logits[part, :used], size, memory_format=torch.channels_last, whole_channels=True
+        )
         if crf_fn is not None:
             coverage_pre_crf[part] = _labelled_fraction(argmax_channels(part_logits))
             part_logits = crf_fn(part_logits, _resize_images(images[part], size))
@@ -223,7 +244,11 @@ def make_pseudo_labels(
     if crf_fn is None:
         coverage_pre_crf = coverage_post_crf
     classes = nearest_prototype_upsampled(features, prototypes, size)
-    labels = assemble(mask_ids, classes, prototypes.shape[0], ignore_index=ignore_index)
+    # Ids come from an argmax over at most max(used) channels and classes from an argmax over K prototypes.
+    slots = max((used for _, used in groups), default=1)
+    labels = assemble(
+        mask_ids, classes, prototypes.shape[0], ignore_index=ignore_index, slots=slots, check_values=False
+    )
     cells, kept = proposal_stats_on_grid(raw_ids, logits)
     stats = ProposalStats(counts, cells, kept, coverage_pre_crf, coverage_post_crf)
     return PseudoLabels(labels=labels, mask_ids=mask_ids, num_proposals=counts, stats=stats)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from primaps_dist.ops import argmax_channels, upsample_logits
+from support.sync_counter import SyncCounter
 
 
 def test_upsample_logits_keeps_minus_inf_without_nan():
@@ -24,6 +25,22 @@ def test_upsample_logits_keeps_minus_inf_without_nan():
     assert torch.equal(torch.isneginf(resized), reach) and not torch.isnan(resized).any()
     assert upsample_logits(partial, (8, 8), memory_format=torch.channels_last).is_contiguous(
         memory_format=torch.channels_last)
+
+
+def test_upsample_logits_of_whole_channels_is_the_same_without_a_host_read():
+    """``whole_channels=True`` (every channel -inf everywhere or nowhere, as proposal logits are) gives the
+    general path's result bit for bit, with no host read; with and without dead channels."""
+    logits = torch.log_softmax(torch.randn(3, 5, 6, 7, generator=torch.Generator().manual_seed(0)), dim=1)
+    logits[0, 3:] = float("-inf")
+    logits[2, 1] = float("-inf")
+    for case in (logits, logits[1:2]):  # dead channels; none at all
+        general = upsample_logits(case, (23, 31))
+        with SyncCounter() as counter:
+            fixed = upsample_logits(case, (23, 31), memory_format=torch.channels_last, whole_channels=True)
+        assert counter.total() == 0, counter.report()
+        assert torch.equal(fixed, general)
+        assert fixed.is_contiguous(memory_format=torch.channels_last)
+    assert torch.isneginf(fixed).sum() == 0 and torch.isneginf(upsample_logits(logits, (23, 31))[0, 3:]).all()
 
 
 def test_argmax_channels_matches_argmax_with_ties():

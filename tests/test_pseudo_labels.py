@@ -13,6 +13,7 @@ from primaps_dist.primaps import mask_logits
 from primaps_dist.prototypes import nearest_prototype_upsampled
 from primaps_dist.pseudo_labels import PseudoLabels, assemble, make_pseudo_labels
 from primaps_dist.testing.primaps_reference import planted_features
+from support.sync_counter import SyncCounter
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -45,6 +46,19 @@ def test_assemble_matches_brute_force(batch, height, width, proposals, num_class
     expected = brute_force_assemble(mask_ids, class_pred, num_classes)
     result = assemble(mask_ids, class_pred, num_classes)
     assert result.dtype == torch.int64
+    assert torch.equal(result, expected)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_assemble_with_a_host_bound_on_the_ids_matches_brute_force_without_a_host_read(seed):
+    """``slots`` (a bound larger than the ids need) and ``check_values=False``: the same labels, no host read."""
+    generator = torch.Generator().manual_seed(seed)
+    mask_ids = torch.randint(0, 5, (3, 9, 11), generator=generator)
+    class_pred = torch.randint(0, 4, (3, 9, 11), generator=generator)
+    expected = brute_force_assemble(mask_ids, class_pred, 4)
+    with SyncCounter() as counter:
+        result = assemble(mask_ids, class_pred, 4, slots=5 + seed, check_values=False)
+    assert counter.total() == 0, counter.report()
     assert torch.equal(result, expected)
 
 
@@ -135,6 +149,19 @@ def test_make_pseudo_labels_groups_images_by_proposal_count_without_changing_res
     assert torch.equal(plain.mask_ids, grouped.mask_ids) and torch.equal(plain.labels, grouped.labels)
     for count, (_, channels) in zip(sorted(plain.num_proposals.tolist()), calls):
         assert channels >= count + 1
+
+
+def test_make_pseudo_labels_reads_the_device_once_outside_the_proposal_loop():
+    """Outside primaps/ (the proposal loop, bounded on its own), a batch costs one host read: the proposal
+    counts that size the label groups; the resize, the CRF input, the assembly and the statistics cost none."""
+    features = torch.cat([planted_features(2, 32, 8, regions=2, noise=0.1, seed=1),
+                          planted_features(2, 32, 8, regions=9, noise=0.8, seed=2)])
+    images = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    prototypes = F.normalize(torch.randn(3, 32, generator=torch.Generator().manual_seed(1)), dim=1)
+    with SyncCounter() as counter:
+        make_pseudo_labels(features, images, prototypes, crf_fn=lambda logits, _: logits.softmax(dim=1))
+    outside = {site: n for site, n in counter.by_site.items() if not site.startswith("primaps_dist/primaps/")}
+    assert outside == {"primaps_dist/pseudo_labels.py": 1}, counter.report()
 
 
 def test_make_pseudo_labels_with_dense_crf():
