@@ -72,32 +72,40 @@ def reference_orientation(
         for chunk, piece in zip(host.split([piece[0].numel() for piece in pieces], dim=1), pieces)
     )  # compact: [b, width, q] A E, free rows in row-major order, zero padding after them
 
-    tall = count >= channels  # pca_lowrank keeps A as it is; otherwise it works on A^T
-    tall_rows = tall.nonzero().squeeze(1)
-    if tall_rows.numel():
+    # Host lists: the batch is small, and Python bookkeeping is cheaper than tensor indexing here.
+    sizes = count.tolist()
+    tall = [image for image, size in enumerate(sizes) if size >= channels]  # pca_lowrank keeps A as it is
+    wide: dict[int, list[int]] = {}  # n_free -> images; pca_lowrank works on A^T
+    for image, size in enumerate(sizes):
+        if 0 < size < channels:
+            wide.setdefault(size, []).append(image)
+    if tall:
+        index = torch.tensor(tall)
         # Zero rows after the free ones leave Householder QR unchanged: its reflectors are zero there.
-        triangle = torch.linalg.qr(compact[tall_rows]).R  # [t, q, q]
+        triangle = torch.linalg.qr(compact[index]).R  # [t, q, q]
         small = torch.linalg.solve_triangular(
-            triangle.transpose(1, 2), covariance_rows[tall_rows], upper=False
+            triangle.transpose(1, 2), covariance_rows[index], upper=False
         )  # Q^T A [t, q, C]
         # A rank-deficient A E (e.g. constant features) has no defined orientation: any finite input.
         small = torch.nan_to_num(small, nan=0.0, posinf=0.0, neginf=0.0)
         right = torch.linalg.svd(small, full_matrices=False).Vh[:, 0]  # [t, C]
-        signs[tall_rows] = torch.where((right * cpu_direction[tall_rows]).sum(dim=1) < 0, -1.0, 1.0)
-    wide_rows = (~tall).nonzero().squeeze(1)
-    if wide_rows.numel():
-        wide_q, wide_r = torch.linalg.qr(rows[wide_rows].transpose(1, 2))  # Householder on the CPU
-        wide_compact = torch.linalg.solve_triangular(wide_r, compact[wide_rows], upper=True, left=False)  # A Q
+        signs[index] = torch.where((right * cpu_direction[index]).sum(dim=1) < 0, -1.0, 1.0)
+    if wide:
+        index = torch.tensor([image for members in wide.values() for image in members])
+        wide_q, wide_r = torch.linalg.qr(rows[index].transpose(1, 2))  # Householder on the CPU
+        wide_compact = torch.linalg.solve_triangular(wide_r, compact[index], upper=True, left=False)  # A Q
+        wide_direction = cpu_direction[index]
+        wide_signs = torch.ones(index.numel())
         # LAPACK orients U differently once zero columns pad B, so every image gets its exact
         # [q', n_free] matrix; images with equal free counts share one batched call.
-        wide_count = count[wide_rows]
-        for free_positions in torch.unique(wide_count).tolist():
-            if free_positions < 1:
-                continue
-            same = (wide_count == free_positions).nonzero().squeeze(1)
+        start = 0
+        for free_positions, members in wide.items():
+            group = slice(start, start + len(members))
+            start += len(members)
             used = min(rank, free_positions)  # pca_lowrank's q = min(3, n_free, C)
-            exact = wide_compact[same, :free_positions, :used].transpose(1, 2)  # B = (A Q)^T [w', q', n]
+            exact = wide_compact[group, :free_positions, :used].transpose(1, 2)  # B = (A Q)^T [w', q', n]
             left = torch.linalg.svd(exact, full_matrices=False).U[:, :, 0]  # [w', q']
-            oriented = (wide_q[same, :, :used] @ left.unsqueeze(2)).squeeze(2)  # Q U[:, 0] [w', C]
-            signs[wide_rows[same]] = torch.where((oriented * cpu_direction[wide_rows[same]]).sum(dim=1) < 0, -1.0, 1.0)
+            oriented = (wide_q[group, :, :used] @ left.unsqueeze(2)).squeeze(2)  # Q U[:, 0] [w', C]
+            wide_signs[group] = torch.where((oriented * wide_direction[group]).sum(dim=1) < 0, -1.0, 1.0)
+        signs[index] = wide_signs
     return signs.to(device), direction_dots

@@ -161,20 +161,22 @@ class WorkingSet:
             covered = take_rows(self.points, torch.where(valid, order, self.zero_row))  # [b, widest, C]
             self.free_sum = self.free_sum - covered.sum(dim=1)
             carry_basis = 4 * widest <= covered.shape[2]
-            buckets = torch.ceil(torch.log2(counts.clamp(min=1).double()))
-            present = torch.unique(buckets[counts > 0]).tolist()
-            if len(present) == 1:  # one group: update G in place, no copies
+            buckets: dict[int, list[int]] = {}  # ceil(log2(count)) -> images (host lists: b is small)
+            sizes = counts.tolist()
+            for image, size in enumerate(sizes):
+                if size > 0:
+                    buckets.setdefault((size - 1).bit_length(), []).append(image)
+            if len(buckets) == 1:  # one group: update G in place, no copies
                 self.gram.baddbmm_(covered.transpose(1, 2), covered, alpha=-1.0)
                 if carry_basis:
                     self.gram_basis.baddbmm_(self.basis @ covered.transpose(1, 2), covered, alpha=-1.0)
             else:
-                for bucket in present:
-                    members = ((buckets == bucket) & (counts > 0)).nonzero().squeeze(1)
-                    index = members.to(keep.device)
-                    block = covered[index, : int(counts[members].max())]
+                for members in buckets.values():
+                    index = torch.tensor(members, device=keep.device)
+                    block = covered.index_select(0, index)[:, : max(sizes[image] for image in members)]
                     self.gram.index_add_(0, index, block.transpose(1, 2) @ block, alpha=-1.0)
                     if carry_basis:
-                        update = (self.basis[index] @ block.transpose(1, 2)) @ block
+                        update = (self.basis.index_select(0, index) @ block.transpose(1, 2)) @ block
                         self.gram_basis.index_add_(0, index, update, alpha=-1.0)
             if not carry_basis:
                 self.gram_basis = None
