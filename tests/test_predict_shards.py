@@ -3,6 +3,7 @@ shards and segment every sample exactly once, the maps equal the Segmenter's, re
 bad input is one line with exit status 2."""
 
 import io
+import shlex
 import tarfile
 
 import numpy as np
@@ -10,7 +11,7 @@ import pytest
 from PIL import Image
 
 from support.demo import write_shard
-from support.env import child_env
+from support.env import REPO, child_env
 from support.run import assert_one_line_error, run_checked, run_main_in_process, torchrun_command
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -46,8 +47,14 @@ def test_two_ranks_segment_every_sample_once_and_a_rerun_skips_them(demo_checkpo
     from primaps_dist import Segmenter
 
     out = tmp_path / "labels"
-    command = torchrun_command(2, "primaps_dist.predict", "--checkpoint", demo_checkpoint, "--shards",
-                               demo_data.train_shards, "--out", out, "--batch-size", "3")
+    # the README's batch line ("Use a trained model"), on this session's demo run and shards
+    readme = (REPO / "README.md").read_text().split("## Use a trained model", 1)[1].split("\n## ", 1)[0]
+    (line,) = [line for line in readme.splitlines() if line.startswith("torchrun ")]
+    paths = {"demo_out/run/checkpoints/latest": str(demo_checkpoint / "latest"),
+             "demo_out/shards/train": str(demo_data.train_shards), "demo_out/labels_shards": str(out)}
+    words = [paths.get(word, word) for word in shlex.split(line)]
+    assert words[:4] == ["torchrun", "--standalone", "--nproc_per_node=2", "-m"] and set(paths.values()) <= set(words)
+    command = torchrun_command(2, words[4], *words[5:])
     first = run_checked(command, env=child_env(tmp_path), timeout=300)
     assert "rank 0 of 2: 8 images from 2 shards" in first.output and "rank 1 of 2: 8 images from 2 shards" in first.output
     assert first.output.count("predict: 0img") == 1, first.output  # one progress bar: rank 0's
