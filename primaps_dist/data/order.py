@@ -5,18 +5,21 @@ ranks, nodes or loader workers read it does not enter (MosaicML Streaming calls 
 
 * The data set is a list of shards with known sample counts (:func:`shard_sample_counts`: make-shards'
   ``index.json``, else the tar headers of local shards).
-* Shard *slots* 0, 1, 2, ...: slot ``i`` holds shard ``perm_e[i mod n]`` with ``e = i div n`` and ``perm_e`` a
-  permutation of the n shards seeded by (seed, salt, e). Consecutive runs of n slots are epochs.
+* *Units* are the shards, or with fewer shards than streams, ``ceil(L / shards)`` contiguous sample ranges of
+  each shard (:func:`make_units`). Slots 0, 1, 2, ...: slot ``i`` holds unit ``perm_e[i mod n]`` with
+  ``e = i div n`` and ``perm_e`` a permutation of the n units seeded by (seed, salt, e): epochs.
 * ``L`` logical streams (``data.streams``, default G). Stream ``s`` reads the slots ``s, s + L, s + 2L, ...``
-  one after the other, sequentially within each shard; the samples of one visit come out in the order of a
+  one after the other, sequentially within each unit; the samples of one visit come out in the order of a
   shuffle buffer of ``capacity`` samples (:func:`emission_order`), emptied at the end of the visit.
 * Step t's global batch takes the next ``q = G / L`` usable samples of every stream; unusable samples
   (corrupt, missing) are skipped and counted, so the batch size stays G and the skips are the same on any
   number of GPUs.
 * The crop of a sample is drawn from a generator seeded by (seed, salt, slot, index in shard).
 * Ranks own contiguous blocks of ``L / W`` streams, loader workers own streams round-robin within the rank,
-  so each shard visit is read by exactly one worker: the egress factor is 1 (bytes fetched / data-set bytes per
-  pass), plus the unread head of the current shard re-read once after a resume.
+  so each unit visit is read by exactly one worker: with at least as many shards as streams the egress factor is 1
+  (bytes fetched / data-set bytes per pass), plus the unread head of the current shard re-read once after a
+  resume (local shards skip it by the tar headers). With fewer shards than streams a remote shard is read by
+  each of its ranges' streams up to that range's end, unless ``data.cache_dir`` holds it.
 
 A position is ``{stream: [visit, emitted]}``: resuming re-reads the current shard up to its place (tar
 bytes only; samples already handed out are not decoded) and nothing before it.
@@ -64,16 +67,21 @@ def _index_counts(folder: str) -> dict[str, int]:
 
 def count_tar_samples(path: str) -> int:
     """Samples in a local tar shard by its headers (member data is skipped, not read): the number of runs of
-    consecutive members with the same key that have an extension; 0 for an unreadable or empty file."""
+    consecutive members with the same key that have an extension, up to a member cut off by the end of the file;
+    0 for an unreadable or empty file."""
     from webdataset.tariterators import base_plus_ext
 
     count, previous = 0, None
     try:
+        size = os.path.getsize(path)
         with tarfile.open(path, mode="r:") as archive:
             for info in archive:
                 if not info.isreg():
                     continue
                 prefix, _ = base_plus_ext(info.name)
+                if info.offset_data + info.size > size:  # cut off: its sample is incomplete
+                    count -= int(prefix is not None and prefix == previous)
+                    break
                 if prefix is not None and prefix != previous:
                     count += 1
                 previous = prefix
@@ -168,8 +176,23 @@ def _epoch_permutation(seed: int, salt: int, epoch: int, num_shards: int) -> tup
 
 
 def shard_of_slot(seed: int, salt: int, slot: int, num_shards: int) -> int:
+    """The unit (see :func:`make_units`) at ``slot``: epoch permutation ``slot div n`` at ``slot mod n``."""
     epoch, offset = divmod(slot, num_shards)
     return _epoch_permutation(seed, salt, epoch, num_shards)[offset]
+
+
+def make_units(counts: list[int] | tuple[int, ...], streams: int) -> tuple[tuple[int, int, int], ...]:
+    """What slots hold: ``(shard, first sample, end)`` ranges. With fewer shards than streams each shard is split
+    into ``ceil(L / n)`` contiguous ranges, so that the streams of one epoch read different samples (otherwise
+    several streams would read the same shard at once, in different epochs, and a batch could hold a sample
+    twice); an empty shard stays one empty unit (its problems are reported once)."""
+    parts = max(1, -(-streams // max(1, len(counts))))
+    units = []
+    for shard, count in enumerate(counts):
+        ranges = [split_range(count, parts, part) for part in range(parts)]
+        kept = [(shard, start, end) for start, end in ranges if end > start]
+        units.extend(kept or [(shard, 0, 0)])
+    return tuple(units)
 
 
 def emission_order(count: int, capacity: int, rng: np.random.Generator) -> np.ndarray:

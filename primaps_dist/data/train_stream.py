@@ -20,7 +20,7 @@ import torch
 from primaps_dist.errors import UserError
 from primaps_dist.labels import IGNORE_INDEX
 
-from .order import Layout, crop_rng, shard_of_slot, visit_order
+from .order import Layout, crop_rng, make_units, shard_of_slot, visit_order
 from .remote_cache import prefetch_shards
 from .shardio import ShardProblem, read_shard
 from .transforms import SampleError, decode_sample, train_crop_box
@@ -133,20 +133,24 @@ def stream_events(
     """Stream ``stream``'s infinite sequence from position (``visit``, ``emitted``): ``(visit, emitted after,
     sample or problem)``. A problem met while reading (not a sample slot) keeps ``emitted`` unchanged."""
     layout = spec.layout
+    units = make_units(spec.counts, layout.streams)
     while True:
         slot = stream + visit * layout.streams
-        shard_index = shard_of_slot(spec.seed, spec.salt, slot, len(spec.shards))
-        path, count = spec.shards[shard_index], spec.counts[shard_index]
-        following = spec.shards[shard_of_slot(spec.seed, spec.salt, slot + layout.streams, len(spec.shards))]
-        prefetch_shards([following])  # remote shards: the next visit downloads while this one is read
-        if count == 0:
-            if emitted == 0:  # an empty or unreadable shard: its problems are counted once per visit
+        shard, start, end = units[shard_of_slot(spec.seed, spec.salt, slot, len(units))]
+        path = spec.shards[shard]
+        following = units[shard_of_slot(spec.seed, spec.salt, slot + layout.streams, len(units))][0]
+        prefetch_shards([spec.shards[following]])  # remote shards: the next visit downloads while this one is read
+        first_epoch = slot < len(units)
+        if end == start:
+            # An empty or unreadable shard is read and its problems counted at its first-epoch visit only; later
+            # epochs pass over it (counting it again every epoch would inflate the skipped total without end).
+            if emitted == 0 and first_epoch:
                 opened(path)
                 for item in read_shard(path):
                     if isinstance(item, ShardProblem):
                         yield visit, 0, item
-        elif emitted < count:
-            yield from _visit(spec, visit, slot, path, count, emitted, opened)
+        elif emitted < end - start:
+            yield from _visit(spec, visit, slot, path, (start, end, spec.counts[shard]), emitted, first_epoch, opened)
         visit, emitted = visit + 1, 0
 
 
@@ -197,12 +201,18 @@ def _numbered_samples(path: str, first: int) -> Iterator[tuple[int, dict | Shard
             index += 1
 
 
-def _visit(spec: StreamSpec, visit: int, slot: int, path: str, count: int, emitted: int,
-           opened: Callable[[str], None]) -> Iterator[tuple[int, int, Decoded | ShardProblem]]:
-    order = visit_order(spec.seed, spec.salt, slot, count, spec.layout.capacity)
+def _visit(spec: StreamSpec, visit: int, slot: int, path: str, unit: tuple[int, int, int], emitted: int,
+           first_epoch: bool, opened: Callable[[str], None]) -> Iterator[tuple[int, int, Decoded | ShardProblem]]:
+    """One visit of samples ``[start, end)`` of the shard (``total`` samples) from its ``emitted``-th on."""
+    start, end, total = unit
+    count = end - start
+    order = visit_order(spec.seed, spec.salt, slot, count, spec.layout.capacity) + start  # sample indices
     when = np.empty(count, dtype=np.int64)
-    when[order] = np.arange(count)
-    first_needed = int(order[emitted:].min())  # a resume skips the samples before it
+    when[order - start] = np.arange(count)
+    first_needed = int(order[emitted:].min())  # a resume, or a later range, skips the samples before it
+    # Problems of the shard itself (truncation, stray members) are counted by the range they follow, at
+    # first-epoch visits only, like an empty shard's; unusable samples are counted whenever they are skipped.
+    counted_after = start - 1 if emitted == 0 else first_needed
     opened(path)
     reader = _numbered_samples(path, first_needed)
     held: dict[int, Decoded | ShardProblem] = {}
@@ -216,15 +226,22 @@ def _visit(spec: StreamSpec, visit: int, slot: int, path: str, count: int, emitt
                 if item is None:
                     exhausted = True
                 elif isinstance(item, ShardProblem):
-                    if emitted == 0 or last >= first_needed:  # not one a resumed visit met before
+                    if first_epoch and last >= counted_after:
                         yield visit, position, item
                 else:
                     last = index
-                    if index < count and when[index] >= emitted:
+                    if start <= index < end and when[index - start] >= emitted:
                         held[index] = _decode(spec, item, slot, index)
+                    if index == total - 1:  # the shard's last sample: read on to its end for trailing problems
+                        for _, rest in reader:
+                            if isinstance(rest, ShardProblem) and first_epoch:
+                                yield visit, position, rest
+                        exhausted = True
+                    elif index >= end - 1 and wanted not in held:
+                        exhausted = True  # past this range: the wanted sample is missing
             result = held.pop(wanted, None)
             if result is None:
-                result = ShardProblem(path, None, f"sample {wanted} is missing (the shard has fewer than {count})")
+                result = ShardProblem(path, None, f"sample {wanted} is missing (the shard has fewer than {total})")
             yield visit, position + 1, result
     finally:
         reader.close()
