@@ -87,6 +87,9 @@ def test_one_crop_sized_image_follows_the_evaluation_rule(demo_segmenter, crf):
         segmenter.crf_fn = None
     expected = torch.cat([predict_clusters(backbone, prototypes, images[i:i + 1], crf_fn=crf_fn) for i in range(3)])
     assert got.dtype == torch.int64 and torch.equal(got, expected)
+    if not crf:  # a uint8 batch is the same images in 0..255
+        as_bytes = (images * 255).round().to(torch.uint8)
+        assert torch.equal(segmenter.segment(as_bytes), segmenter.segment(as_bytes.float() / 255.0))
 
 
 def test_segment_returns_maps_at_every_input_size(demo_segmenter):

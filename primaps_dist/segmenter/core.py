@@ -180,8 +180,10 @@ class Segmenter:
 
     def _tensors(self, images: Any) -> list[torch.Tensor]:
         if isinstance(images, torch.Tensor) and images.dim() == 4:
+            if images.dtype == torch.uint8:  # a loader's uint8 batch
+                return list(images.to(self.device).float() / 255.0)
             if not images.is_floating_point():
-                raise ValueError(f"a batch tensor must be float [B, 3, H, W] in 0..1, got {images.dtype}")
+                raise ValueError(f"a batch tensor must be float in 0..1 or uint8 [B, 3, H, W], got {images.dtype}")
             return list(images.to(self.device).float())
         if isinstance(images, (torch.Tensor, np.ndarray)) and np.ndim(images) == 3:
             images = [images]
@@ -195,7 +197,7 @@ class Segmenter:
     def segment(self, images: Any) -> Any:
         """Class-id maps at the input resolution.
 
-        ``images``: a float tensor ``[B, 3, H, W]`` in 0..1 (-> int64 tensor ``[B, H, W]``), or a sequence of
+        ``images``: a tensor ``[B, 3, H, W]``, float in 0..1 or uint8 (-> int64 tensor ``[B, H, W]``), or a sequence of
         images of any sizes (-> list of int64 ``[H_i, W_i]`` tensors), each a ``uint8 [H, W, 3]`` array or tensor,
         a float ``[3, H, W]`` tensor in 0..1 or a PIL image. Ids are cluster ids, or class ids (255 = unmatched)
         after :meth:`with_class_names` with a metrics.json.
