@@ -4,10 +4,8 @@ no CUDA without --dry exits 2. Also the CUDA-only DeepSpeed optimizer choice, wh
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
-import signal
 import sys
 from pathlib import Path
 
@@ -19,14 +17,6 @@ from support.env import child_env
 from support.run import run_command
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.slow
@@ -52,27 +42,19 @@ def test_dry_run_executes_every_stage_and_prints_one_json_line(tmp_path):
     assert report["collective"]["all_reduce_ok"]
 
 
-@pytest.fixture
-def gpu_check(monkeypatch):
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-    yield load_script()
-    for sig, handler in saved.items():
-        signal.signal(sig, handler)
-
-
-def test_a_failed_check_exits_1_with_one_clear_line(gpu_check, capsys):
-    assert gpu_check.main(["--dry", "--stages", "agreement", "--ari-min", "1.01"]) == 1
-    captured = capsys.readouterr()
-    assert "gpu-check FAILED: mask_logits ARI 1.0000 < 1.01" in captured.err
-    report = json.loads(captured.out.strip().splitlines()[-1])
+def test_a_failed_check_exits_1_with_one_clear_line(tmp_path):
+    result = run_command([sys.executable, str(SCRIPT), "--dry", "--stages", "agreement", "--ari-min", "1.01"],
+                         env=child_env(tmp_path), timeout=300)
+    assert result.returncode == 1, result.describe()
+    assert "gpu-check FAILED: mask_logits ARI 1.0000 < 1.01" in result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["failures"] == ["mask_logits ARI 1.0000 < 1.01"]
 
 
-def test_without_cuda_the_full_check_refuses_in_one_line(gpu_check, capsys, monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert gpu_check.main([]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "no CUDA device" in err and "--dry" in err
+def test_without_cuda_the_full_check_refuses_in_one_line(tmp_path):
+    result = run_command([sys.executable, str(SCRIPT)], env=child_env(tmp_path, CUDA_VISIBLE_DEVICES=""), timeout=120)
+    assert result.returncode == 2, result.describe()
+    assert result.stderr.count("\n") == 1 and "no CUDA device" in result.stderr and "--dry" in result.stderr
 
 
 def test_deepspeed_on_cuda_uses_torch_adam_unless_fused_adam_is_prebuilt(tmp_path, monkeypatch):
