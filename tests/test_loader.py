@@ -200,6 +200,14 @@ def test_global_batches_do_not_depend_on_ranks_or_workers(shard_dir):
     assert len({k.split("_")[0] for k in reference[0][0]}) >= 3  # every batch mixes shards
 
 
+def test_streams_of_one_epoch_read_different_samples(shard_dir):
+    """8 streams, 5 shards of 7: each shard is split into two ranges (3 and 4 samples), so the first three global
+    batches (every stream still in its first range) hold 24 different samples."""
+    cfg = data_cfg(shard_dir, global_batch_size=8, shuffle_buffer=0)
+    keys = [k for keys, _ in _global_batches(cfg, 1, 3) for k in keys]
+    assert len(keys) == 24 and len(set(keys)) == 24
+
+
 def test_global_batch_must_divide(shard_dir):
     with pytest.raises(ConfigError, match="data.global_batch_size.*not divisible by the number of ranks 3"):
         make_train_loader(data_cfg(shard_dir, global_batch_size=8), rank=0, world_size=3, seed=0)
