@@ -288,6 +288,7 @@ class TrackingConfig:
     run_name: str = ""
     system_metrics: bool = True
     num_overlays: int = 4  # validation images rendered as overlay pictures
+    log_model: bool = True  # at the end of training, log the segmenter as an MLflow model (artifact "segmenter")
     register_model: str = ""  # register the run's segmenter model under this name ("" = log it, do not register)
 
     def validate(self, prefix: str = "tracking") -> None:
@@ -297,6 +298,8 @@ class TrackingConfig:
             f"{prefix}.register_model", f"must be empty or a model name of letters, digits, '_', '-', '.', ' ' "
             f"(at most 256), got {self.register_model!r}")
         _require(self.num_overlays >= 0, f"{prefix}.num_overlays", f"must be >= 0, got {self.num_overlays}")
+        _require(self.log_model or not self.register_model, f"{prefix}.register_model",
+                 f"needs tracking.log_model=true (the registered version is the logged model), got {self.register_model!r}")
 
 
 @dataclass
