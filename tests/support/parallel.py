@@ -72,6 +72,16 @@ def _group_names(item: pytest.Item) -> list[str]:
                    for mark in item.iter_markers("xdist_group")})
 
 
+def _uses_a_module_fixture(item: pytest.Item) -> bool:
+    """Whether the test uses a module- (or class-, package-) scoped fixture: such tests share one worker, or
+    each worker would build the fixture again (a model, a server, an export)."""
+    info = getattr(item, "_fixtureinfo", None)  # pytest's per-test fixture closure (no public accessor)
+    for definitions in getattr(info, "name2fixturedefs", {}).values():
+        if definitions and definitions[-1].scope in ("module", "class", "package"):
+            return True
+    return False
+
+
 def _set_nodeid(item: pytest.Item, nodeid: str) -> None:
     if hasattr(item, "_id"):  # pytest >= 9.2 keeps a structured id; xdist 3.8 still writes the old _nodeid
         from _pytest.nodeid import NodeId
@@ -83,7 +93,8 @@ def _set_nodeid(item: pytest.Item, nodeid: str) -> None:
 
 @pytest.hookimpl(trylast=True)  # after xdist's own hook, which suffixes node ids on older pytest only
 def pytest_collection_modifyitems(config, items):
-    """Group the tests that use a shared resource (:data:`SHARED_RESOURCE_GROUPS`) for ``--dist loadgroup``.
+    """Group the tests that use a shared resource (:data:`SHARED_RESOURCE_GROUPS`), the ``alone`` tests, and
+    a module's tests that use one of its module-scoped fixtures, for ``--dist loadgroup``.
 
     xdist's scheduler reads a test's group from a ``@group`` suffix of its node id, which xdist 3.8 fails to
     write under pytest 9.2 (pytest-dev/pytest-xdist#1386: every test is then scheduled on its own, silently).
@@ -95,6 +106,8 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(pytest.mark.xdist_group(group))
         if item.get_closest_marker("alone") is not None and not _group_names(item):
             item.add_marker(pytest.mark.xdist_group("alone"))
+        if _uses_a_module_fixture(item) and not _group_names(item):
+            item.add_marker(pytest.mark.xdist_group(f"module:{item.path.name}"))
     if not getattr(config.option, "loadgroup", False):  # set on xdist workers under --dist loadgroup
         return
     # Slow tests first, so that the run ends with short ones on both workers instead of one long test on one.
