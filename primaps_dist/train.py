@@ -486,8 +486,12 @@ class Trainer:
 
 
 def _build_backbone_node_first(cfg: Config, env: dist.DistEnv, device: torch.device) -> torch.nn.Module:
-    """Local rank 0 of each node builds the backbone first (fetching its weights into the node's cache), the
-    other ranks wait at a barrier and then load from that cache."""
+    """Local rank 0 of each node builds the backbone first (fetching its weights into the node's hub cache), the
+    other ranks wait at a barrier (bounded by ``dist.timeout_s``) and then load from that cache. Weights that need
+    no download (the packaged EfficientNet-Lite0, ``random``, a local file) are loaded by all ranks at once."""
+    fetches = cfg.backbone.weights == "pretrained" and cfg.backbone.name != "efficientnet_lite0"
+    if not fetches or not env.is_distributed:
+        return build_backbone(cfg.backbone, device)
     backbone = build_backbone(cfg.backbone, device) if env.local_rank == 0 else None
     dist.barrier()
     return backbone if backbone is not None else build_backbone(cfg.backbone, device)
