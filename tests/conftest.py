@@ -2,7 +2,7 @@
 
 Tests never touch the network: hub downloads are disabled here. Helpers live in ``tests/support/``.
 
-Fixtures:
+Fixtures (the demo ones are built once per run, also under xdist: :func:`support.parallel.built_once`):
 
 - ``demo_data`` -> :class:`support.demo.DemoData`: the demo data set and its shards.
 - ``demo_checkpoint`` -> Path: the ``checkpoints`` folder of a 2-step run on ``demo_data`` (PCA + one
@@ -34,26 +34,28 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 pytest.register_assert_rewrite("support")
 
-from support.demo import DemoData, build_demo_data, tiny_train_args  # noqa: E402
+from support.demo import DemoData, build_demo_data, demo_data_paths, tiny_train_args  # noqa: E402
 from support.env import child_env  # noqa: E402
 from support.parallel import (  # noqa: E402,F401  (hooks: xdist groups, the run lock for `alone` tests)
-    pytest_collection_modifyitems, pytest_configure, pytest_runtest_protocol, pytest_unconfigure)
+    built_once, pytest_collection_modifyitems, pytest_configure, pytest_runtest_protocol, pytest_unconfigure)
 from support.run import module_command, run_checked  # noqa: E402
 from support.slurm import SlurmCluster, require_slurm  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> DemoData:
-    return build_demo_data(tmp_path_factory.mktemp("demo"))
+    return demo_data_paths(built_once(tmp_path_factory, "demo", build_demo_data))
 
 
 @pytest.fixture(scope="session")
 def demo_checkpoint(demo_data, tmp_path_factory) -> Path:
     """``checkpoints`` folder of a tiny finished run (steps: 1 PCA + 1 K-means)."""
-    out = tmp_path_factory.mktemp("demo_run") / "run"
-    run_checked(module_command("primaps_dist.train", *tiny_train_args(demo_data.train_shards, out)),
-                env=child_env(out.parent), timeout=240)
-    return out / "checkpoints"
+
+    def train(folder: Path) -> None:
+        run_checked(module_command("primaps_dist.train", *tiny_train_args(demo_data.train_shards, folder / "run")),
+                    env=child_env(folder), timeout=240)
+
+    return built_once(tmp_path_factory, "demo_run", train) / "run" / "checkpoints"
 
 
 @pytest.fixture(scope="session")

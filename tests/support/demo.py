@@ -37,13 +37,10 @@ class DemoData:
     val_shards: Path
 
 
-def build_demo_data(root: Path) -> DemoData:
-    """Generate the images and shard them (in this process: the CLI mains, no interpreter start-up)."""
-    from primaps_dist.data import demo, shards
-
+def demo_data_paths(root: Path) -> DemoData:
+    """The paths :func:`build_demo_data` writes under ``root``."""
     images = root / "images"
-    assert demo.main(["--out", str(images), "--train", "16", "--val", "8", "--size", str(IMAGE_SIZE)]) == 0
-    data = DemoData(
+    return DemoData(
         root=root,
         train_images=images / "train" / "images",
         train_labels=images / "train" / "labels",
@@ -53,6 +50,14 @@ def build_demo_data(root: Path) -> DemoData:
         train_shards=root / "shards" / "train",
         val_shards=root / "shards" / "val",
     )
+
+
+def build_demo_data(root: Path) -> DemoData:
+    """Generate the images and shard them (in this process: the CLI mains, no interpreter start-up)."""
+    from primaps_dist.data import demo, shards
+
+    data = demo_data_paths(root)
+    assert demo.main(["--out", str(root / "images"), "--train", "16", "--val", "8", "--size", str(IMAGE_SIZE)]) == 0
     for split_images, split_labels, out in ((data.train_images, data.train_labels, data.train_shards),
                                             (data.val_images, data.val_labels, data.val_shards)):
         assert shards.main(["--images", str(split_images), "--labels", str(split_labels), "--out", str(out),

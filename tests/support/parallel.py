@@ -13,8 +13,9 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import shutil
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 
@@ -60,6 +61,28 @@ class RunLock:
     def close(self) -> None:
         self._turnstile.close()
         self._lock.close()
+
+
+def built_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Callable[[Path], object]) -> Path:
+    """A folder that ``build(folder)`` filled once for the whole run: under xdist the first worker to ask
+    builds it in the run's folder and the others wait for it (the result of a session fixture, built once
+    instead of once per worker). Tests only read it."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker is None:
+        folder = tmp_path_factory.mktemp(name)
+        build(folder)
+        return folder
+    shared = tmp_path_factory.getbasetemp().parent / "built-once"  # getbasetemp(): .../pytest-N/popen-gwN
+    shared.mkdir(exist_ok=True)
+    folder = shared / name
+    with open(shared / f"{name}.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (shared / f"{name}.done").exists():
+            shutil.rmtree(folder, ignore_errors=True)  # what a failed attempt left
+            folder.mkdir()
+            build(folder)
+            (shared / f"{name}.done").touch()
+    return folder
 
 
 # fixture -> xdist group: a test using the fixture runs on the group's worker. One SLURM cluster per run: two
