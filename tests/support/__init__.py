@@ -11,6 +11,8 @@
   that run in one process and under torchrun, to compare W ranks with one.
 - :mod:`support.slurm`: a throw-away single-node SLURM cluster.
 - :mod:`support.net`: free loopback ports.
+- :mod:`support.parallel`: running in two processes (pytest-xdist): groups, ``alone`` tests, fixtures built
+  once per run.
 - :mod:`support.sync_counter`: counts the calls that would make the host wait for a GPU, on a CPU run.
 
 Tests import ``support`` because pytest puts ``tests/`` on ``sys.path`` (rootdir-relative test modules
