@@ -9,10 +9,11 @@ Per image and round (all images of the batch at once):
    un-normalised covariance ``A = G_free - S S^T / n_free`` is kept as a running Gram matrix
    ``G_free = sum_free x x^T`` ([B, C, C]) and sum ``S = sum_free x`` ([B, C]); covered positions
    are subtracted (down-dated) once, when they get covered. ``v`` is the top eigenvector of ``A``,
-   found by shifted block subspace iteration with Rayleigh-Ritz (``eigen.BLOCK`` vectors, warm-started
-   from the previous round's Ritz basis, whose product with ``G`` is carried over through the
-   down-date) until the relative residual ``||A v - theta v|| / theta`` drops below
-   ``_RESIDUAL_TOL``; it agrees with an exact float64 eigendecomposition and with the reference's
+   found by block subspace iteration (``eigen.BLOCK`` vectors, warm-started from the previous
+   round's Ritz basis, whose product with ``G`` is carried over through the down-date): a degree-3
+   Chebyshev filter on ``A``, one QR, one Rayleigh-Ritz step, repeated until the relative residual
+   ``||A v - theta v|| / theta`` drops below ``_RESIDUAL_TOL`` (one repetition in almost every
+   round); it agrees with an exact float64 eigendecomposition and with the reference's
    ``torch.pca_lowrank(q=3, niter=100)`` (see tests). No [B, h*w, h*w] tensor is ever built.
 2. **Orientation**: a principal direction has no intrinsic sign, yet the sign decides which end of
    the axis step 3 starts from. ``v`` gets the sign that the published code's
