@@ -15,6 +15,8 @@ record after it.
 
 from __future__ import annotations
 
+import contextlib
+import importlib.metadata
 import os
 import shutil
 import tempfile
@@ -29,6 +31,41 @@ from primaps_dist.segmenter.export import EXPORT_FILES
 ARTIFACT_PATH = "segmenter"
 EXPORT_ARTIFACT = "export"
 CODE_FILE = Path(__file__).with_name("pyfunc_code.py")
+# What pyfunc_code.py and the export's segment.py import (PIL only in segment.py's command line).
+PYFUNC_PACKAGES = ("mlflow", "numpy", "torch")
+
+
+def pip_requirements() -> list[str]:
+    """``package==version`` of the installed packages the pyfunc needs, without local labels (``+cu130``) so
+    that pip can install them from PyPI. Given explicitly, MLflow infers nothing."""
+    pinned = []
+    for package in PYFUNC_PACKAGES:
+        try:
+            pinned.append(f"{package}=={importlib.metadata.version(package).split('+')[0]}")
+        except importlib.metadata.PackageNotFoundError:
+            pinned.append(package)
+    return pinned
+
+
+@contextlib.contextmanager
+def _without_environment_scan():
+    """MLflow compares given requirements with the environment by mapping every installed package to its modules
+    (~3 s on a large environment, once per process). Our requirements are the installed versions, so that check
+    can only agree; it is switched off for this save only (if MLflow moved the function, it simply runs)."""
+    try:
+        import mlflow.utils.environment as environment
+    except ImportError:
+        yield
+        return
+    original = getattr(environment, "warn_dependency_requirement_mismatches", None)
+    if original is None:
+        yield
+        return
+    environment.warn_dependency_requirement_mismatches = lambda requirements: None
+    try:
+        yield
+    finally:
+        environment.warn_dependency_requirement_mismatches = original
 
 
 def signature():
@@ -47,11 +84,11 @@ def save_mlflow_model(export_dir: str | os.PathLike, path: str | os.PathLike, cr
     if path.exists():
         shutil.rmtree(path)
     example = np.zeros((1, crop_size, crop_size, 3), dtype=np.uint8)
-    with warnings.catch_warnings():  # the explicit signature below replaces the type hints MLflow suggests
-        warnings.filterwarnings("ignore", message=".*type hints.*")
+    with warnings.catch_warnings(), _without_environment_scan():
+        warnings.filterwarnings("ignore", message=".*type hints.*")  # the explicit signature replaces them
         mlflow.pyfunc.save_model(
             str(path), python_model=str(CODE_FILE), artifacts={EXPORT_ARTIFACT: str(export_dir)},
-            signature=signature(), input_example=example, pip_requirements=["torch", "numpy", "mlflow"],
+            signature=signature(), input_example=example, pip_requirements=pip_requirements(),
         )
     return path
 
