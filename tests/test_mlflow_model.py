@@ -2,6 +2,7 @@
 served by a real ``mlflow models serve`` on loopback, and a dead tracking server that neither stalls nor fails
 training."""
 
+import importlib.metadata
 import json
 import os
 import re
@@ -55,6 +56,9 @@ def test_pyfunc_model_gives_the_segmenters_maps(exported, tmp_path):
     mlmodel = (folder / "MLmodel").read_text()
     assert "signature:" in mlmodel and "uint8" in mlmodel and "int64" in mlmodel
     assert (folder / "input_example.json").is_file()
+    requirements = (folder / "requirements.txt").read_text().split()  # pinned: MLflow inferred nothing
+    for package in ("mlflow", "numpy", "torch"):
+        assert f"{package}=={importlib.metadata.version(package).split('+')[0]}" in requirements, requirements
     batch = images_batch()
     maps = mlflow.pyfunc.load_model(str(folder)).predict(batch)
     assert maps.shape == (2, 70, 90) and maps.dtype == np.int64 and maps.max() < NUM_CLASSES
@@ -154,3 +158,41 @@ def test_dead_tracking_server_neither_stalls_nor_fails_training(demo_data, tmp_p
     assert kinds.index(("artifact", "segmenter")) < kinds.index(("register_model", "primaps-demo"))
     assert (out / "mlflow_model" / "MLmodel").is_file()
     assert "segmenter model not logged" not in result.output
+
+
+def test_a_registration_resent_after_an_outage_creates_one_version(tmp_path):
+    """The server created the version but its answer was lost (an outage): the journal resends the record, which
+    must find that version instead of creating a second one. Another registration record of the run (a resumed run
+    that ends again) is a new version; a record from an older journal (no record id) is matched by run and source."""
+    from mlflow import MlflowClient
+
+    from primaps_dist.tracking.delivery import REGISTER_RECORD_TAG, Delivery, Unreachable
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    delivery = Delivery(uri, tmp_path / "mlflow_runs.json", tmp_path)
+    delivery.deliver([{"kind": "run", "run": "local-a", "experiment": "register", "time": 0},
+                      {"kind": "run", "run": "local-b", "experiment": "register", "time": 0}])
+    run_a, run_b = delivery.resolve("local-a"), delivery.resolve("local-b")
+    record = {"kind": "register_model", "run": "local-a", "name": "resent", "artifact_path": "segmenter",
+              "record_id": "r1"}
+    real_create = delivery.client.create_model_version
+
+    def create_then_lose_the_answer(*args, **kwargs):
+        real_create(*args, **kwargs)
+        raise ConnectionError("connection reset by peer")
+
+    delivery.client.create_model_version = create_then_lose_the_answer
+    with pytest.raises(Unreachable):
+        delivery.deliver([record])
+    delivery.client.create_model_version = real_create
+    assert delivery.deliver([record]) == 1  # the resend
+    assert delivery.deliver([dict(record)]) == 1  # and once more (a replay of the same journal)
+    client = MlflowClient(uri)
+    versions = client.search_model_versions("name='resent'")
+    assert [(str(v.version), v.run_id, v.tags.get(REGISTER_RECORD_TAG)) for v in versions] == [("1", run_a, "r1")]
+
+    delivery.deliver([{**record, "record_id": "r2"}])  # a second registration record of the run
+    legacy = {"kind": "register_model", "run": "local-b", "name": "resent", "artifact_path": "segmenter"}
+    delivery.deliver([legacy, legacy])
+    versions = sorted(client.search_model_versions("name='resent'"), key=lambda v: int(v.version))
+    assert [(str(v.version), v.run_id) for v in versions] == [("1", run_a), ("2", run_a), ("3", run_b)]

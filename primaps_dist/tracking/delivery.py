@@ -5,8 +5,10 @@ final status one by one. A record MLflow refuses (e.g. a changed param) is set a
 journal; anything else that fails is an outage (:class:`Unreachable`), and the caller keeps the rest.
 
 Resending is idempotent: MLflow stores a metric (key, step, timestamp, value) once, identical params are
-accepted again, artifacts overwrite themselves, and run creation is recorded in ``mlflow_runs.json``
-(``{local run key: MLflow run id}``) before anything else is sent for the run.
+accepted again, artifacts overwrite themselves, run creation is recorded in ``mlflow_runs.json``
+(``{local run key: MLflow run id}``) before anything else is sent for the run, and a model version is tagged with
+its run and record id and not created again when a version with these tags exists (a registration whose answer
+was lost in an outage is resent).
 """
 
 from __future__ import annotations
@@ -27,6 +29,10 @@ from primaps_dist.tracking.common import (
     logger,
     short,
 )
+
+
+REGISTER_RUN_TAG = "primaps.run_id"
+REGISTER_RECORD_TAG = "primaps.register_record"
 
 
 class _QuietRetries(logging.Filter):
@@ -181,7 +187,8 @@ class Delivery:
             self._log_batch(group)
 
     def _register_model(self, record: dict) -> None:
-        """A new version of registered model ``name`` from the run's ``artifact_path`` (the model created first)."""
+        """A new version of registered model ``name`` from the run's ``artifact_path`` (the model created first),
+        unless this record already created one (see the module docstring)."""
         from mlflow.exceptions import MlflowException
 
         run_id = self._run_id_for(record)
@@ -191,7 +198,16 @@ class Delivery:
             if err.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
         source = f"{self.client.get_run(run_id).info.artifact_uri.rstrip('/')}/{record['artifact_path']}"
-        self.client.create_model_version(record["name"], source, run_id=run_id)
+        # A record from a journal written before records had ids is matched by run and source.
+        tags = {REGISTER_RUN_TAG: run_id, REGISTER_RECORD_TAG: record.get("record_id") or f"{run_id}/{source}"}
+        name = record["name"].replace("'", "\\'")
+        for version in self.client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
+            if version.tags.get(REGISTER_RECORD_TAG) == tags[REGISTER_RECORD_TAG] or (
+                    "record_id" not in record and version.source == source):
+                logger.info("model %s version %s already registered from run %s; not registered again",
+                            record["name"], version.version, run_id)
+                return
+        self.client.create_model_version(record["name"], source, run_id=run_id, tags=tags)
 
     def _log_batch(self, group: list[dict]) -> None:
         from mlflow.entities import Metric, Param, RunTag

@@ -183,11 +183,12 @@ class Tracker:
 
     def register_model(self, name: str, artifact_path: str) -> None:
         """Register the model logged under ``artifact_path`` of this run as a new version of ``name`` (send it
-        after the model's :meth:`log_artifact`: records are delivered in order)."""
+        after the model's :meth:`log_artifact`: records are delivered in order). The record carries an id that
+        the version is tagged with, so a record resent after an outage does not create a second version."""
         if not self.active:
             return
         self._sender.submit({"kind": "register_model", "run": self._key, "name": str(name),
-                             "artifact_path": str(artifact_path)})
+                             "artifact_path": str(artifact_path), "record_id": uuid.uuid4().hex})
 
     def wait_until_idle(self, timeout_s: float = 30.0) -> bool:
         """Block until every record logged so far went through a delivery attempt (sent, or waiting for
