@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 def test_make_demo_runs_end_to_end(tmp_path: Path) -> None:
     demo = tmp_path / "demo"
     overrides = ("data.crop_size=96 data.batch_size=2 data.num_workers=0 train.pca_steps=2 train.kmeans_steps=2 "
-                 "train.em_steps=2 crf.iterations=2 tracking.system_metrics=false")
+                 "train.em_steps=2 crf.iterations=2 tracking.system_metrics=false tracking.log_model=false")
     done = run_command(["make", "-C", str(REPO), "demo", f"DEMO_DIR={demo}",
                         "DEMO_DATA_ARGS=--train 8 --val 4 --size 96", f"DEMO_OVERRIDES={overrides}"],
                        env=child_env(tmp_path), timeout=900)

@@ -46,6 +46,31 @@ def test_register_model_is_validated():
             load_config(None, [f"tracking.register_model={bad}"])
 
 
+def test_log_model_is_validated_and_false_skips_the_model(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from primaps_dist.config import load_config
+    from primaps_dist.errors import ConfigError
+    from primaps_dist.segmenter import publish
+    from primaps_dist.segmenter.publish import log_segmenter_model
+
+    assert load_config(None, []).tracking.log_model is True
+    with pytest.raises(ConfigError, match="'tracking.log_model'"):
+        load_config(None, ["tracking.log_model=sometimes"])
+    with pytest.raises(ConfigError, match="'tracking.register_model'"):
+        load_config(None, ["tracking.log_model=false", "tracking.register_model=primaps-demo"])
+    logged = []
+    tracker = SimpleNamespace(active=True, log_artifact=lambda *a: logged.append(a),
+                              register_model=lambda *a: logged.append(a))
+    built = []  # the model's first step; with log_model=true it is taken (and the stub makes the step fail)
+    monkeypatch.setattr(publish, "Segmenter", SimpleNamespace(from_parts=lambda *a, **k: built.append(a)))
+    cfg = load_config(None, ["tracking.log_model=false"])
+    assert log_segmenter_model(tracker, cfg, torch.nn.Identity(), torch.zeros(2, 3), tmp_path) is False
+    assert built == [] and logged == [] and list(tmp_path.iterdir()) == []
+    assert log_segmenter_model(tracker, load_config(None, []), torch.nn.Identity(), torch.zeros(2, 3), tmp_path) is False
+    assert len(built) == 1 and logged == []
+
+
 def test_pyfunc_model_gives_the_segmenters_maps(exported, tmp_path):
     import mlflow
 
@@ -100,7 +125,7 @@ def test_training_logs_and_registers_the_model_and_mlflow_serves_it(demo_data, t
     out = tmp_path / "run"
     run_checked(module_command("primaps_dist.train", *tiny_train_args(
         demo_data.train_shards, out, "tracking.register_model=primaps-demo", val_shards=demo_data.val_shards,
-        tracking=True)), env=env, cwd=tmp_path, timeout=400)
+        tracking=True, log_model=True)), env=env, cwd=tmp_path, timeout=400)
     uri = env["MLFLOW_TRACKING_URI"]
     client = MlflowClient(uri)
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
@@ -151,7 +176,7 @@ def test_dead_tracking_server_neither_stalls_nor_fails_training(demo_data, tmp_p
     dead = f"http://127.0.0.1:{free_port()}"
     result = run_checked(module_command("primaps_dist.train", *tiny_train_args(
         demo_data.train_shards, out, f"tracking.tracking_uri={dead}", "tracking.register_model=primaps-demo",
-        tracking=True)), env=child_env(tmp_path), cwd=tmp_path, timeout=400)
+        tracking=True, log_model=True)), env=child_env(tmp_path), cwd=tmp_path, timeout=400)
     records = [json.loads(line) for line in (out / SPOOL_NAME).read_text().splitlines() if line.strip()]
     kinds = [(r["kind"], r["name"] if r["kind"] == "register_model" else r.get("artifact_path")) for r in records]
     assert ("artifact", "segmenter") in kinds and ("register_model", "primaps-demo") in kinds

@@ -77,11 +77,12 @@ def write_shard(path: str | os.PathLike, members: Sequence[tuple[str, bytes]]) -
 
 def tiny_overrides(train_shards: str | os.PathLike, output_dir: str | os.PathLike, *extra: str,
                    val_shards: str | os.PathLike = "", pca: int = 1, kmeans: int = 1, em: int = 0,
-                   tracking: bool = False) -> list[str]:
+                   tracking: bool = False, log_model: bool = False) -> list[str]:
     """``key=value`` overrides that turn configs/demo.yaml into a CPU run of a few seconds.
 
     A checkpoint after every step, no final evaluation unless ``val_shards`` is given, MLflow only with
-    ``tracking``. ``extra`` overrides come last, so they win over these.
+    ``tracking``, the end-of-run MLflow model (a few seconds of ``torch.export``) only with ``log_model``.
+    ``extra`` overrides come last, so they win over these.
     """
     return [
         f"data.train_shards={train_shards}", f"data.val_shards={val_shards}",
@@ -92,6 +93,7 @@ def tiny_overrides(train_shards: str | os.PathLike, output_dir: str | os.PathLik
         "train.device=cpu", "proposals.max_masks=4", "proposals.label_size=0", "crf.iterations=2",
         "tracking.num_overlays=0",
         f"tracking.enabled={'true' if tracking else 'false'}", "tracking.system_metrics=false",
+        f"tracking.log_model={'true' if log_model else 'false'}",
         *extra,
     ]
 
