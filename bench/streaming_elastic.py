@@ -147,7 +147,7 @@ def section_resume(args: argparse.Namespace, workdir: Path) -> None:
     from primaps_dist.data.loader import collect_state, make_train_loader
 
     folder = workdir / "resume"
-    _jpeg_shards(folder, 4, 256, (320, 240), seed=3)
+    _jpeg_shards(folder, 8, 256, (320, 240), seed=3)  # as many shards as streams: whole-shard visits
     cfg = _cfg(folder, global_batch_size=8, num_workers=args.workers, crop_size=64, shuffle_buffer=64)
     late = 200  # 200 of 256 samples into every stream's current shard
     loader = make_train_loader(cfg, rank=0, world_size=1, seed=0)
@@ -182,7 +182,7 @@ def _worker_peak_rss_mb(cfg: DataConfig, steps: int) -> float:
 
 def section_rss(args: argparse.Namespace, workdir: Path) -> None:
     folder = workdir / "rss"
-    _jpeg_shards(folder, 4, 160, (1024, 512), seed=4)
+    _jpeg_shards(folder, 8, 80, (1024, 512), seed=4)
     base = _cfg(folder, global_batch_size=8, num_workers=1, crop_size=320, shuffle_buffer=100000)
     steps = 80
     overhead = _worker_peak_rss_mb(replace(base, shuffle_buffer=0), steps)
