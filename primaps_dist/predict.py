@@ -3,12 +3,15 @@
     python -m primaps_dist.predict --checkpoint runs/x/checkpoints/latest --images photos/ --out predictions/
     python -m primaps_dist.predict --export model/ --images photos/ --out predictions/ [eval.crf=true]
     torchrun --nproc_per_node=4 -m primaps_dist.predict --checkpoint ... --shards data/ --out labels/ [--format png]
+    python -m primaps_dist.predict --export model/ --shards s3://bucket/val/ --out labels/ [data.s3_endpoint_url=...]
 
 Every image is segmented at its own resolution (sliding windows of the training crop, scores averaged), with the
 CRF and flip averaging of ``eval.crf`` / ``eval.flip``, exactly as ``evaluate`` predicts. ``--images`` writes
 ``<name>.png`` (8-bit cluster ids, or matched class ids with ``--assignment metrics.json``) and
 ``<name>_overlay.jpg``; ``--shards`` writes new shards or PNGs, one slice of the shards per rank, resumable
-(:mod:`primaps_dist.segmenter.batch`).
+(:mod:`primaps_dist.segmenter.batch`). ``--shards`` takes every spec ``data.train_shards`` takes (local, http(s),
+s3, gs, ``pipe:``, an ``index.json`` folder), read with the ``data`` section's transport settings (the checkpoint's
+config plus overrides; with ``--export`` the defaults plus ``data.*`` overrides).
 """
 
 from __future__ import annotations
@@ -76,14 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
 def load_segmenter(args: argparse.Namespace, device):
     from primaps_dist.segmenter import Segmenter
 
-    if args.export:
-        if args.config:
-            raise UserError("--config applies to --checkpoint only (an export carries its own config)")
+    if args.export:  # overrides checked by check_model_and_data_config
         crf = {"eval.crf=true": True, "eval.crf=false": False}.get(next(
             (o for o in args.overrides if o.startswith("eval.crf=")), ""), None)
-        others = [o for o in args.overrides if not o.startswith("eval.crf=")]
-        if others:
-            raise UserError(f"with --export only eval.crf=true|false can be overridden, got {others[0]!r}")
         segmenter = Segmenter.from_export(args.export, device=device, crf=crf, batch_size=args.batch_size or 8)
     else:
         segmenter = Segmenter.from_checkpoint(args.checkpoint, config=args.config, overrides=args.overrides,
@@ -155,6 +153,29 @@ def predict_shards(segmenter, shards: list[str], out_dir: Path, env, args: argpa
               f"{problems} unreadable samples skipped)")
 
 
+def check_model_and_data_config(args: argparse.Namespace):
+    """Check the model source (no model loaded yet) and return the ``data`` section whose transport settings read
+    remote ``--shards``: the checkpoint's config (or ``--config``) plus overrides, or with ``--export`` the
+    defaults plus the ``data.*`` overrides."""
+    from primaps_dist.config import Config, apply_overrides, resolve_run_config
+
+    if args.export:
+        from primaps_dist.segmenter.export import check_export_folder
+
+        check_export_folder(Path(args.export))
+        if args.config:
+            raise UserError("--config applies to --checkpoint only (an export carries its own config)")
+        others = [o for o in args.overrides if not o.startswith(("eval.crf=", "data."))]
+        if others:
+            raise UserError(f"with --export only eval.crf=true|false and data.* (shard transport) can be overridden, "
+                            f"got {others[0]!r}")
+        return apply_overrides(Config(), [o for o in args.overrides if o.startswith("data.")]).validate().data
+    from primaps_dist.train_state import load_train_state
+
+    saved = load_train_state(args.checkpoint)
+    return resolve_run_config(saved.config, args.config, list(args.overrides)).data
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
@@ -163,21 +184,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Inputs and outputs are checked before the model is loaded.
     root = Path(args.images) if args.images else None
     paths = list_images(root) if root is not None else []
+    out_dir = Path(args.out)
+    ckpt.ensure_writable_dir(out_dir, "--out")
+    data_cfg = check_model_and_data_config(args)
     shards: list[str] = []
     if args.shards:
         from primaps_dist.data.shardio import resolve_shards
 
-        shards = resolve_shards(args.shards, "--shards")
-    out_dir = Path(args.out)
-    ckpt.ensure_writable_dir(out_dir, "--out")
-    if args.export:
-        from primaps_dist.segmenter.export import check_export_folder
-
-        check_export_folder(Path(args.export))
-    else:
-        from primaps_dist.train_state import load_train_state
-
-        load_train_state(args.checkpoint)
+        shards = resolve_shards(args.shards, "--shards", data_cfg)
 
     if not shards:
         import torch

@@ -93,6 +93,38 @@ def test_png_output_resumes_inside_an_unfinished_shard(demo_checkpoint, demo_dat
         assert np.array_equal(np.array(image), kept)
 
 
+def test_remote_shards_over_http_give_the_local_maps(demo_checkpoint, demo_data, tmp_path):
+    """--shards takes the remote specs data.train_shards takes: an http folder with an index.json (its shards
+    fetched from a loopback server) and an http brace pattern give the same PNGs as the local shards; the data
+    section's transport settings apply (data.cache_dir keeps whole copies)."""
+    from support.object_servers import HttpShardServer
+
+    def pngs(spec: str, name: str, *overrides: str) -> dict[str, np.ndarray]:
+        out = tmp_path / name
+        result = run_main_in_process("primaps_dist.predict", ["--checkpoint", str(demo_checkpoint), "--shards", spec,
+                                                              "--out", str(out), "--format", "png",
+                                                              "data.remote_retries=1", *overrides])
+        assert result.returncode == 0, result.describe()
+        assert "segmented 8 images in 2 shards" in result.stdout, result.describe()
+        found = {}
+        for path in sorted(out.glob("*/*.png")):
+            with Image.open(path) as image:
+                found[f"{path.parent.name}/{path.name}"] = np.array(image)
+        return found
+
+    local = pngs(str(demo_data.val_shards), "local")
+    assert len(local) == 8
+    with HttpShardServer(demo_data.val_shards.parent) as server:
+        for name, spec in (("folder", f"{server.url}/val/"), ("braces", f"{server.url}/val/{{000000..000001}}.tar")):
+            server.requests.clear()
+            remote = pngs(spec, name, f"data.cache_dir={tmp_path / name}_cache")
+            assert sorted(remote) == sorted(local) and all(np.array_equal(remote[k], local[k]) for k in local), name
+            assert {"val/000000.tar", "val/000001.tar"} <= set(server.requests), server.requests
+            cached = sorted(p.stat().st_size for p in (tmp_path / f"{name}_cache").rglob("*") if p.is_file())
+            sizes = sorted(p.stat().st_size for p in demo_data.val_shards.glob("*.tar"))
+            assert all(size in cached for size in sizes), (cached, sizes)
+
+
 def test_undecodable_samples_are_skipped_and_counted(demo_checkpoint, tmp_path):
     buffer = io.BytesIO()
     Image.fromarray(np.zeros((70, 50, 3), np.uint8)).save(buffer, format="PNG")

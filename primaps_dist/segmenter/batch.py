@@ -11,7 +11,9 @@ rank. Outputs, named after the input shard (``<stem>``, or ``<index>-<stem>`` wh
 * ``--format png``: ``<stem>/<key>.png``, each written atomically; ``<stem>/.complete`` marks a finished shard. A
   rerun skips finished shards and, inside an unfinished one, images whose PNG exists.
 
-Samples that do not decode are skipped with a warning (counted); the shard still completes.
+Samples that do not decode are skipped with a warning (counted); the shard still completes. Shards are any spec
+``data.train_shards`` takes (local, http(s), s3, gs, ``pipe:``): a rank starts fetching its next unfinished remote
+shard while it segments the current one.
 """
 
 from __future__ import annotations
@@ -103,16 +105,21 @@ def _write_atomic(path: Path, data: bytes) -> None:
 def segment_shards(segmenter, shards: Sequence[str], out: Path, *, fmt: str, rank: int, world_size: int,
                    batch_size: int, progress=None) -> ShardJobStats:
     """Segment this rank's shards of ``shards`` (the full sorted list) into ``out``; see the module docstring."""
+    from primaps_dist.data.remote_cache import prefetch_shards
     from primaps_dist.data.synthetic import write_tar
 
     stats = ShardJobStats()
-    stems = output_stems(shards)
-    for shard, stem in list(zip(shards, stems))[rank::world_size]:
+    mine = list(zip(shards, output_stems(shards)))[rank::world_size]
+    finished = [(out / f"{stem}.tar").is_file() if fmt == "shards" else (out / stem / COMPLETE_MARKER).is_file()
+                for _, stem in mine]
+    for position, (shard, stem) in enumerate(mine):
+        if finished[position]:
+            stats.shards_skipped += 1
+            continue
+        following = [other for (other, _), done in zip(mine[position + 1:], finished[position + 1:]) if not done]
+        prefetch_shards(following[:1])  # no-op for local shards
         if fmt == "shards":
             target = out / f"{stem}.tar"
-            if target.is_file():
-                stats.shards_skipped += 1
-                continue
             members: list[tuple[str, bytes]] = []
             for batch in _batches(_decoded(shard, stats), batch_size):
                 maps = segmenter.segment([image for _, image in batch])
@@ -125,9 +132,6 @@ def segment_shards(segmenter, shards: Sequence[str], out: Path, *, fmt: str, ran
             os.replace(tmp, target)
         else:
             folder = out / stem
-            if (folder / COMPLETE_MARKER).is_file():
-                stats.shards_skipped += 1
-                continue
             folder.mkdir(parents=True, exist_ok=True)
             for batch in _batches(_decoded(shard, stats), batch_size):
                 todo = [(key, image) for key, image in batch if not (folder / f"{safe_stem(key)}.png").is_file()]
