@@ -20,6 +20,7 @@ other). The hooks live in :mod:`support.parallel`. ``pytest -n 0`` (or no ``-n``
 
 import os
 import shutil
+import signal
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -105,3 +106,12 @@ def single_thread():
 def two_threads():
     """Two torch threads for the test (this project's CI machine has two cores), restored after."""
     yield from _with_threads(2)
+
+
+@pytest.fixture
+def keep_signal_handlers():
+    """The trainer installs SIGTERM/SIGUSR1 handlers (its stop flag); give pytest its own back afterwards."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)

@@ -17,12 +17,7 @@ from primaps_dist.train_state import load_train_state
 from test_trainer_inprocess import RecordingTracker, TinyBackbone, quadrant_images, tiny_config
 
 
-@pytest.fixture(autouse=True)
-def _keep_signal_handlers():
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-    yield
-    for sig, handler in saved.items():
-        signal.signal(sig, handler)
+pytestmark = pytest.mark.usefixtures("keep_signal_handlers")
 
 
 def test_stop_signal_is_seen_at_the_next_step_without_a_collective_of_its_own(tmp_path):

@@ -11,7 +11,6 @@ Before / after removing the M-step's, the logging's and the timer's syncs: see t
 
 from __future__ import annotations
 
-import signal
 import time
 from collections import Counter
 
@@ -38,12 +37,7 @@ KMEANS_BOUND = 1
 EM_BOUND = {"stats": 2, "gradient": 2}
 
 
-@pytest.fixture(autouse=True)
-def _keep_signal_handlers():
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-    yield
-    for sig, handler in saved.items():
-        signal.signal(sig, handler)
+pytestmark = pytest.mark.usefixtures("keep_signal_handlers")
 
 
 class FakeCudaEvent:

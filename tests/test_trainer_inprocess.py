@@ -8,7 +8,6 @@ MLflow, so a change to the trainer's wiring fails here in seconds.
 
 from __future__ import annotations
 
-import signal
 from pathlib import Path
 
 import pytest
@@ -92,13 +91,7 @@ def tiny_config(out: Path, mode: str) -> Config:
     return cfg.validate()
 
 
-@pytest.fixture(autouse=True)
-def _keep_signal_handlers():
-    """The trainer installs SIGTERM/SIGUSR1 handlers (its stop flag); give pytest its own back."""
-    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1)}
-    yield
-    for sig, handler in saved.items():
-        signal.signal(sig, handler)
+pytestmark = pytest.mark.usefixtures("keep_signal_handlers")
 
 
 def by_hand(cfg: Config, backbone: TinyBackbone, batches: list[dict]) -> tuple[PrototypeState, torch.Tensor]:
