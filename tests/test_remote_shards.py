@@ -244,17 +244,18 @@ def test_server_process_killed_mid_shard_and_restarted(tmp_path, caplog):
     members = [(f"k{index:03d}.bin", os.urandom(1 << 20)) for index in range(48)]
     write_tar(folder / "000000.tar", members)
     server = HttpServerProcess(folder).start()
-    try:
-        reader = read_shard(f"{server.url}/000000.tar")
-        first = next(reader)
-        server.kill()  # the read-ahead holds at most a few MB: most of the shard is still to come
-        restart = threading.Timer(0.3, server.start, kwargs={"wait": False})
-        restart.start()
-        with caplog.at_level("INFO", logger="primaps_dist.data"):
+    # Capture from the start: the read-ahead thread may log the failed read before the main thread reads on.
+    with caplog.at_level("INFO", logger="primaps_dist.data"):
+        try:
+            reader = read_shard(f"{server.url}/000000.tar")
+            first = next(reader)
+            server.kill()  # the read-ahead holds at most a few MB: most of the shard is still to come
+            restart = threading.Timer(0.3, server.start, kwargs={"wait": False})
+            restart.start()
             rest = list(reader)
-        restart.join()
-    finally:
-        server.kill()
+            restart.join()
+        finally:
+            server.kill()
     assert not [item for item in rest if isinstance(item, ShardProblem)]
     got = [first, *rest]
     assert [item["__key__"] for item in got] == [name.split(".")[0] for name, _ in members]
