@@ -21,8 +21,6 @@ Usage: python bench/bench_streaming.py [--sections local_vs_remote] [--shards 8]
 from __future__ import annotations
 
 import argparse
-import io
-import json
 import os
 import socket
 import subprocess
@@ -32,16 +30,13 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-from PIL import Image
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from primaps_dist.config import DataConfig  # noqa: E402
-from primaps_dist.data.synthetic import write_tar  # noqa: E402
 
 sys.path.insert(0, str(REPO / "bench"))
+from _datasets import write_dataset  # noqa: E402
 from streaming_elastic import SECTIONS as ELASTIC_SECTIONS  # noqa: E402
 
 
@@ -62,32 +57,6 @@ def wait_for_port(port: int, timeout: float = 30.0) -> None:
                 return
         time.sleep(0.05)
     raise RuntimeError(f"no server on port {port}")
-
-
-def photo_like(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    """Smooth colour fields plus noise: JPEG sizes like photographs', not like flat test patterns."""
-    coarse = rng.integers(0, 256, (height // 32 + 2, width // 32 + 2, 3), dtype=np.uint8)
-    image = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC), dtype=np.int16)
-    image += rng.integers(-24, 25, image.shape, dtype=np.int16)
-    return np.clip(image, 0, 255).astype(np.uint8)
-
-
-def write_dataset(folder: Path, shards: int, per_shard: int, size: tuple[int, int]) -> int:
-    """``shards`` tar shards of ``per_shard`` JPEGs (quality 90) and make-shards' index.json; returns bytes."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    entries = []
-    for shard in range(shards):
-        members = []
-        for index in range(per_shard):
-            buffer = io.BytesIO()
-            Image.fromarray(photo_like(rng, size[1], size[0])).save(buffer, format="JPEG", quality=90)
-            members.append((f"s{shard}_{index:04d}.jpg", buffer.getvalue()))
-        path = folder / f"{shard:06d}.tar"
-        write_tar(path, members)
-        entries.append({"name": path.name, "num_samples": per_shard, "num_bytes": path.stat().st_size})
-    (folder / "index.json").write_text(json.dumps({"format": "primaps-dist-shards/1", "shards": entries}))
-    return sum(entry["num_bytes"] for entry in entries)
 
 
 def best_of(rounds: int, sources: dict[str, Callable[[], float]]) -> dict[str, float]:

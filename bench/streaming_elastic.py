@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import time
 from dataclasses import replace
@@ -23,33 +22,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from _datasets import photo_like, write_dataset  # bench/ is on sys.path when bench_streaming.py runs
 from primaps_dist.config import DataConfig
-from primaps_dist.data.synthetic import write_tar
-
-
-def _photo(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
-    coarse = rng.integers(0, 256, (height // 32 + 2, width // 32 + 2, 3), dtype=np.uint8)
-    image = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC), dtype=np.int16)
-    image += rng.integers(-24, 25, image.shape, dtype=np.int16)
-    return np.clip(image, 0, 255).astype(np.uint8)
-
-
-def _jpeg_shards(folder: Path, shards: int, per_shard: int, size: tuple[int, int], seed: int = 0) -> int:
-    """Shards of JPEGs with make-shards' index.json; returns the data set's bytes."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    entries = []
-    for shard in range(shards):
-        members = []
-        for index in range(per_shard):
-            buffer = io.BytesIO()
-            Image.fromarray(_photo(rng, size[1], size[0])).save(buffer, format="JPEG", quality=90)
-            members.append((f"s{shard}_{index:04d}.jpg", buffer.getvalue()))
-        path = folder / f"{shard:06d}.tar"
-        write_tar(path, members)
-        entries.append({"name": path.name, "num_samples": per_shard, "num_bytes": path.stat().st_size})
-    (folder / "index.json").write_text(json.dumps({"shards": entries}))
-    return sum(entry["num_bytes"] for entry in entries)
 
 
 def _cfg(folder: Path, **values) -> DataConfig:
@@ -85,7 +59,7 @@ def _kmeans_prototypes(cfg: DataConfig, world: int, steps: int) -> torch.Tensor:
 
 def section_elastic(args: argparse.Namespace, workdir: Path) -> None:
     folder = workdir / "elastic"
-    _jpeg_shards(folder, 6, 24, (96, 72), seed=1)
+    write_dataset(folder, 6, 24, (96, 72), seed=1)
     cfg = _cfg(folder, global_batch_size=8, crop_size=32)
     steps = 12
     reference = _kmeans_prototypes(cfg, 1, steps)
@@ -118,7 +92,7 @@ def _egress(cfg: DataConfig, world: int, steps: int, dataset_bytes: int, total_s
 def section_egress(args: argparse.Namespace, workdir: Path) -> None:
     folder = workdir / "egress"
     shards, per_shard = 16, 32
-    dataset_bytes = _jpeg_shards(folder, shards, per_shard, (96, 72), seed=2)
+    dataset_bytes = write_dataset(folder, shards, per_shard, (96, 72), seed=2)
     cfg = _cfg(folder, global_batch_size=16, shuffle_buffer=64)
     steps = 3 * shards * per_shard // 16  # three passes
     print(f"== egress: bytes of shard visits started / data-set bytes per pass ({shards} shards, 3 passes, "
@@ -147,7 +121,7 @@ def section_resume(args: argparse.Namespace, workdir: Path) -> None:
     from primaps_dist.data.loader import collect_state, make_train_loader
 
     folder = workdir / "resume"
-    _jpeg_shards(folder, 8, 256, (320, 240), seed=3)  # as many shards as streams: whole-shard visits
+    write_dataset(folder, 8, 256, (320, 240), seed=3)  # as many shards as streams: whole-shard visits
     cfg = _cfg(folder, global_batch_size=8, num_workers=args.workers, crop_size=64, shuffle_buffer=64)
     late = 200  # 200 of 256 samples into every stream's current shard
     loader = make_train_loader(cfg, rank=0, world_size=1, seed=0)
@@ -182,7 +156,7 @@ def _worker_peak_rss_mb(cfg: DataConfig, steps: int) -> float:
 
 def section_rss(args: argparse.Namespace, workdir: Path) -> None:
     folder = workdir / "rss"
-    _jpeg_shards(folder, 8, 80, (1024, 512), seed=4)
+    write_dataset(folder, 8, 80, (1024, 512), seed=4)
     base = _cfg(folder, global_batch_size=8, num_workers=1, crop_size=320, shuffle_buffer=100000)
     steps = 80
     overhead = _worker_peak_rss_mb(replace(base, shuffle_buffer=0), steps)
@@ -205,7 +179,7 @@ def section_decode(args: argparse.Namespace, workdir: Path) -> None:
     pngs, jpegs = [], []
     for _ in range(6):
         buffer = io.BytesIO()
-        Image.fromarray(_photo(rng, 1024, 2048)).save(buffer, format="PNG", compress_level=3)
+        Image.fromarray(photo_like(rng, 1024, 2048)).save(buffer, format="PNG", compress_level=3)
         pngs.append(buffer.getvalue())
         encoded = Encoded("k", "png", buffer.getvalue(), None, 2048, 1024, None)
         jpegs.append(resize_encoded(encoded, Resize(512, 90)).image_bytes)
