@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from primaps_dist.config import DataConfig  # noqa: E402
+from primaps_dist.testing.http_server import HttpServerProcess, free_port, wait_for_port  # noqa: E402
 
 sys.path.insert(0, str(REPO / "bench"))
 from _datasets import write_dataset  # noqa: E402
@@ -41,22 +41,6 @@ from streaming_elastic import SECTIONS as ELASTIC_SECTIONS  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------ shared helpers
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_for_port(port: int, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"no server on port {port}")
 
 
 def best_of(rounds: int, sources: dict[str, Callable[[], float]]) -> dict[str, float]:
@@ -76,16 +60,16 @@ class LoopbackServers:
 
     def __init__(self, folder: Path):
         self.folder = folder
-        self.http_port, self.s3_port = free_port(), free_port()
-        self.processes: list[subprocess.Popen] = []
+        self.http = HttpServerProcess(folder)
+        self.s3_port = free_port()
+        self.moto: subprocess.Popen | None = None
 
     def __enter__(self) -> "LoopbackServers":
-        quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
-        self.processes.append(subprocess.Popen([sys.executable, "-m", "http.server", str(self.http_port), "--bind",
-                                                "127.0.0.1", "--directory", str(self.folder)], **quiet))
+        self.http.start(wait=False)
         moto = Path(sys.executable).with_name("moto_server")
-        self.processes.append(subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(self.s3_port)], **quiet))
-        wait_for_port(self.http_port)
+        self.moto = subprocess.Popen([str(moto), "-H", "127.0.0.1", "-p", str(self.s3_port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_port(self.http.port)
         wait_for_port(self.s3_port)
         os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
                           AWS_ENDPOINT_URL=f"http://127.0.0.1:{self.s3_port}")
@@ -98,13 +82,14 @@ class LoopbackServers:
         return self
 
     def __exit__(self, *exc) -> None:
-        for process in self.processes:
-            process.kill()
-            process.wait()
+        self.http.kill()
+        if self.moto is not None:
+            self.moto.kill()
+            self.moto.wait()
 
     @property
     def specs(self) -> dict[str, str]:
-        return {"local": str(self.folder), "http": f"http://127.0.0.1:{self.http_port}/", "s3": "s3://bench/data/"}
+        return {"local": str(self.folder), "http": f"{self.http.url}/", "s3": "s3://bench/data/"}
 
 
 def loader_rate(spec: str, workers: int, batches: int, batch: int, crop: int, cache_dir: str = "") -> float:

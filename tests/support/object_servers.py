@@ -3,7 +3,8 @@
 - :class:`HttpShardServer`: Python's ``http.server`` serving a folder, in a thread of the test process, with
   switchable faults (cut the connection at a byte of a file; answer ``Range`` requests or ignore them as
   ``SimpleHTTPRequestHandler`` does).
-- :class:`HttpServerProcess`: ``python -m http.server`` in its own process, to be killed mid-transfer.
+- :class:`HttpServerProcess`: ``python -m http.server`` in its own process, to be killed mid-transfer (defined in
+  :mod:`primaps_dist.testing.http_server`, which the streaming benchmark uses too; re-exported here).
 - :class:`S3Server`: moto in server mode (the S3 server s3fs's own tests use), with IAM authentication on,
   one bucket and one user whose access key the tests use (any other key is refused).
 """
@@ -14,15 +15,15 @@ import functools
 import json
 import os
 import socket
-import subprocess
 import threading
-import time
 from http import HTTPStatus
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from support.env import PYTHON
+from primaps_dist.testing.http_server import HttpServerProcess
 from support.net import free_port
+
+__all__ = ["HttpServerProcess", "HttpShardServer", "S3Server"]
 
 
 class _FaultyHandler(SimpleHTTPRequestHandler):
@@ -98,49 +99,6 @@ class HttpShardServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def _wait_for_port(port: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
-
-
-class HttpServerProcess:
-    """``python -m http.server`` serving ``root`` in a child process; :meth:`kill` and :meth:`start` again on the
-    same port simulate a server that dies mid-transfer and comes back."""
-
-    def __init__(self, root: str | os.PathLike, port: int | None = None):
-        self.root = str(root)
-        self.port = port or free_port()
-        self.process: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self, wait: bool = True) -> "HttpServerProcess":
-        self.process = subprocess.Popen(
-            [PYTHON, "-m", "http.server", str(self.port), "--bind", "127.0.0.1", "--directory", self.root],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        if wait:
-            _wait_for_port(self.port)
-        return self
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-
-    def __enter__(self) -> "HttpServerProcess":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.kill()
 
 
 class S3Server:
