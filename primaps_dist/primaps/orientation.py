@@ -10,7 +10,7 @@ import torch
 if TYPE_CHECKING:
     from primaps_dist.primaps.rounds import WorkingSet
 
-from primaps_dist.primaps.rows import compact_order
+from primaps_dist.primaps.rows import compact_order, rows_dot
 
 __all__ = ["reference_orientation"]
 
@@ -53,9 +53,7 @@ def reference_orientation(
     width = int(count.max())
     signs = torch.ones(batch, dtype=torch.float32)
     rows = top3[:, :rank]  # E^T [b, q, C]
-    # [b, Q+1, C] @ (a transposed view of [b, 1+q, C]) takes a GEMM path several times faster on
-    # CPU than a contiguous [b, C, 1+q] operand.
-    products = state.points @ torch.cat([direction.unsqueeze(1), rows], dim=1).transpose(1, 2)
+    products = rows_dot(state.points, torch.cat([direction.unsqueeze(1), rows], dim=1))  # [b, Q+1, 1+q]
     direction_dots = products[:, :, 0]
     if width < 1:
         return signs.to(device), direction_dots
