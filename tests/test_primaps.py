@@ -68,9 +68,15 @@ def test_matches_published_loop_on_real_photo_features(photo_features_stride16):
 
 @pytest.mark.slow
 def test_matches_published_loop_on_planted_dino_sized_features():
-    """C=384, 40x40 maps with 24 planted regions plus noise."""
+    """C=384, 40x40 maps with 24 planted regions plus noise.
+
+    Five oracle seeds: on an image where the oracle is not reproducible, two seeds are one sample of
+    its spread. On an Intel Xeon (MKL, AVX-512) image 0's oracle runs with seeds 0 and 1 ended in two
+    different maps (ARI 0.94 to each other, counts 59 and 43), while seeds 2-4 all gave ours exactly
+    (count 44); with seeds (0, 1) only, the comparison failed although ours is the oracle's most
+    frequent outcome."""
     features = planted_features(4, channels=384, size=40, regions=24, noise=1.0, seed=3)
-    agreement = _agreement(features, seeds=(0, 1))
+    agreement = _agreement(features, seeds=(0, 1, 2, 3, 4))
     _assert_faithful(agreement, min_stable=2)
 
 
