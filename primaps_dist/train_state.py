@@ -13,6 +13,7 @@ Change the layout -> bump :data:`SCHEMA_VERSION`. Checkpoints written before the
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -112,9 +113,10 @@ class TrainState:
     def check_compatible(self, cfg: Any, *, channels: int | None = None) -> None:
         """Raise UserError when these prototypes cannot serve ``cfg`` (a Config).
 
-        Compared: ``backbone.name``, ``backbone.layers``, random versus trained ``backbone.weights``, the
-        number of prototypes K (``data.num_classes``) and, when the built backbone's ``channels`` are given,
-        the channel count C. The message names the key, e.g. "checkpoint X was trained with
+        Compared: ``backbone.name``, ``backbone.layers``, random versus trained ``backbone.weights``, with
+        or without a projection head (``backbone.head_weights``; two different head files are refused
+        when both can still be read and their bytes differ), the number of prototypes K
+        (``data.num_classes``) and, when the built backbone's ``channels`` are given, the channel count C. The message names the key, e.g. "checkpoint X was trained with
         backbone.name=dino_vits8 but the config says efficientnet_lite0".
         """
         where = f"checkpoint {self.source}" if self.source else "the checkpoint"
@@ -129,6 +131,9 @@ class TrainState:
             differ("backbone.layers", list(saved["layers"]), list(cfg.backbone.layers))
         if (saved["weights"] == "random") != (cfg.backbone.weights == "random"):
             differ("backbone.weights", saved["weights"], cfg.backbone.weights)
+        saved_head, head = saved.get("head_weights", ""), cfg.backbone.head_weights
+        if bool(saved_head) != bool(head) or (saved_head and head and _different_files(saved_head, head)):
+            differ("backbone.head_weights", saved_head or "none", head or "none")
         if self.prototypes.shape[0] != cfg.data.num_classes:
             differ("data.num_classes", int(self.prototypes.shape[0]), cfg.data.num_classes)
         if channels is not None and self.prototypes.shape[1] != channels:
@@ -141,6 +146,14 @@ class TrainState:
         """Rank ``rank``'s entry of a per-rank list (``student_generators``), or None when
         the saved run had another world size than ``world_size`` (that part then starts afresh)."""
         return parts[rank] if world_size == self.world_size else None
+
+
+def _different_files(first: str, second: str) -> bool:
+    """True when both files can be read and their bytes differ (a moved head file is accepted)."""
+    if os.path.abspath(first) == os.path.abspath(second) or not (os.path.isfile(first) and os.path.isfile(second)):
+        return False
+    with open(first, "rb") as old, open(second, "rb") as new:
+        return hashlib.sha256(old.read()).digest() != hashlib.sha256(new.read()).digest()
 
 
 def _check_types(values: dict[str, Any], where: str) -> None:

@@ -156,3 +156,30 @@ def test_check_compatible_names_the_differing_key():
     cfg.data.num_classes = 5
     with pytest.raises(UserError, match="8-channel prototypes but backbone efficientnet_lite0 gives 384 channels"):
         state.check_compatible(cfg, channels=384)
+
+
+def test_check_compatible_refuses_another_projection_head(tmp_path):
+    """Prototypes live in the head's output space: a run without a head, or with another head of the
+    same output size (which the channel check cannot see), must be refused by name."""
+    first, same, other = tmp_path / "head.pt", tmp_path / "moved" / "head.pt", tmp_path / "other.pt"
+    same.parent.mkdir()
+    first.write_bytes(b"weights A")
+    same.write_bytes(b"weights A")
+    other.write_bytes(b"weights B")
+    state = make_state()
+    state.config["backbone"]["head_weights"] = str(first)
+    cfg = Config()
+    cfg.data.num_classes = 5
+    with pytest.raises(UserError, match=rf"backbone.head_weights={first} but the config says none"):
+        state.check_compatible(cfg)
+    cfg.backbone.head_weights = str(other)
+    with pytest.raises(UserError, match=rf"backbone.head_weights={first} but the config says {other}"):
+        state.check_compatible(cfg)
+    cfg.backbone.head_weights = str(same)  # a copy of the same file elsewhere
+    state.check_compatible(cfg)
+    first.unlink()  # the training run's file is gone: the bytes cannot be compared
+    cfg.backbone.head_weights = str(other)
+    state.check_compatible(cfg)
+    state.config["backbone"]["head_weights"] = ""
+    with pytest.raises(UserError, match=rf"backbone.head_weights=none but the config says {other}"):
+        state.check_compatible(cfg)
