@@ -495,3 +495,26 @@ def test_benchmark_set_up_equals_what_dense_crf_builds(monkeypatch):
     q = torch.rand(2, 10, 6, 3, generator=torch.Generator().manual_seed(0))
     assert torch.equal(gaussian(q), used_gaussian(q))
     assert torch.equal(bilateral(q.view(-1, 3)), used_bilateral(q.view(-1, 3)))
+
+
+def test_config_defaults_and_function_defaults_are_the_same_numbers():
+    # One source of truth (primaps_dist.crf.defaults): CRFConfig's field defaults, dense_crf's and
+    # make_crf's keyword defaults must agree name by name. The only intended difference is downsample
+    # (config: a coarse grid for pseudo labels; functions: full resolution like the reference).
+    import dataclasses
+    import inspect
+
+    from primaps_dist.config import CRFConfig
+    from primaps_dist.crf.defaults import CONFIG_DOWNSAMPLE, REFERENCE
+
+    config = dataclasses.asdict(CRFConfig())
+    assert config == {**dataclasses.asdict(REFERENCE), "downsample": CONFIG_DOWNSAMPLE}
+    for function in (dense_crf, make_crf):
+        defaults = {
+            name: parameter.default
+            for name, parameter in inspect.signature(function).parameters.items()
+            if parameter.default is not inspect.Parameter.empty
+        }
+        assert set(defaults) == set(config), function.__name__  # every config field is a keyword, and back
+        differing = {name: (config[name], defaults[name]) for name in config if config[name] != defaults[name]}
+        assert differing == {"downsample": (CONFIG_DOWNSAMPLE, 1)}, function.__name__

@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from primaps_dist.backbones.presets import PRESETS
+from primaps_dist.crf.defaults import CONFIG_DOWNSAMPLE
+from primaps_dist.crf.defaults import REFERENCE as _CRF_REFERENCE
 from primaps_dist.errors import ConfigError
 from primaps_dist.labels import IGNORE_INDEX
 
@@ -187,6 +189,9 @@ class ProposalConfig:
 class CRFConfig:
     """Dense CRF refinement of proposals (defaults: the reference parameters, except ``downsample``).
 
+    The default values live in :mod:`primaps_dist.crf.defaults` (shared with :func:`primaps_dist.crf.dense_crf`
+    and :func:`primaps_dist.crf.make_crf`); change them there.
+
     ``downsample`` (torch backend only; pydensecrf always works at full resolution) runs all but the
     last mean-field update of the pseudo-label CRF on a grid that many times coarser per side; 1 runs
     every update at full resolution like the reference. The trade-off (speed against agreement with
@@ -194,14 +199,14 @@ class CRFConfig:
     about twice the feature grid (320 px pseudo labels, stride 8: 4). ``eval.crf`` has its own factor.
     """
 
-    backend: str = "torch"  # torch | pydensecrf | none
-    iterations: int = 10
-    gaussian_sxy: float = 1.0
-    gaussian_weight: float = 3.0
-    bilateral_sxy: float = 67.0
-    bilateral_srgb: float = 3.0
-    bilateral_weight: float = 4.0
-    downsample: int = 4  # torch backend only; see the class docstring and primaps_dist.crf.dense_crf
+    backend: str = _CRF_REFERENCE.backend  # torch | pydensecrf | none
+    iterations: int = _CRF_REFERENCE.iterations
+    gaussian_sxy: float = _CRF_REFERENCE.gaussian_sxy
+    gaussian_weight: float = _CRF_REFERENCE.gaussian_weight
+    bilateral_sxy: float = _CRF_REFERENCE.bilateral_sxy
+    bilateral_srgb: float = _CRF_REFERENCE.bilateral_srgb
+    bilateral_weight: float = _CRF_REFERENCE.bilateral_weight
+    downsample: int = CONFIG_DOWNSAMPLE  # torch backend only; see the class docstring and crf.dense_crf
 
     def validate(self, prefix: str = "crf") -> None:
         _choice(self.backend, ("torch", "pydensecrf", "none"), f"{prefix}.backend")

@@ -29,6 +29,7 @@ No gradients flow through either backend.
 
 Modules, one job each:
 
+* :mod:`~primaps_dist.crf.defaults`: the default parameters (reference values), shared with ``config.CRFConfig``.
 * :mod:`~primaps_dist.crf.lattice`: the permutohedral lattice (build, reference filter).
 * :mod:`~primaps_dist.crf.operators`: the pairwise message operators (sparse lattice blur, Gaussian
   convolution) and :func:`pairwise_operators`, everything built before the iterations.

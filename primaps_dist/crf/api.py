@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Callable, Optional
 import torch
 from torch import Tensor
 
+from primaps_dist.crf.defaults import REFERENCE
 from primaps_dist.crf.mean_field import mean_field
 from primaps_dist.crf.pydensecrf_backend import dense_crf_pydensecrf, import_pydensecrf
 
@@ -76,14 +77,14 @@ def dense_crf(
     logits: Tensor,
     images: Tensor,
     *,
-    iterations: int = 10,
-    gaussian_sxy: float = 1.0,
-    gaussian_weight: float = 3.0,
-    bilateral_sxy: float = 67.0,
-    bilateral_srgb: float = 3.0,
-    bilateral_weight: float = 4.0,
-    backend: str = "torch",
-    downsample: int = 1,
+    iterations: int = REFERENCE.iterations,
+    gaussian_sxy: float = REFERENCE.gaussian_sxy,
+    gaussian_weight: float = REFERENCE.gaussian_weight,
+    bilateral_sxy: float = REFERENCE.bilateral_sxy,
+    bilateral_srgb: float = REFERENCE.bilateral_srgb,
+    bilateral_weight: float = REFERENCE.bilateral_weight,
+    backend: str = REFERENCE.backend,
+    downsample: int = REFERENCE.downsample,
 ) -> Tensor:
     """Refine per-pixel label scores with a fully connected CRF (mean-field inference).
 
@@ -93,6 +94,7 @@ def dense_crf(
         images: ``[B, 3, H, W]`` float32 RGB in 0..255 (not normalised), same device, B, H and W.
             Other dtypes are rejected: convert uint8 with ``images.float()``; float64 with ``.float()``.
         iterations: mean-field steps (0 returns the unary softmax, as pydensecrf does).
+            Every default is the reference parameter from :data:`primaps_dist.crf.defaults.REFERENCE`.
         gaussian_sxy, gaussian_weight: spatial smoothness kernel width (pixels) and Potts weight.
         bilateral_sxy, bilateral_srgb, bilateral_weight: appearance kernel widths (pixels, intensity
             levels) and Potts weight.
@@ -129,18 +131,19 @@ def dense_crf(
 
 
 def make_crf(
-    backend: str = "torch",
-    iterations: int = 10,
-    gaussian_sxy: float = 1.0,
-    gaussian_weight: float = 3.0,
-    bilateral_sxy: float = 67.0,
-    bilateral_srgb: float = 3.0,
-    bilateral_weight: float = 4.0,
-    downsample: int = 1,
+    backend: str = REFERENCE.backend,
+    iterations: int = REFERENCE.iterations,
+    gaussian_sxy: float = REFERENCE.gaussian_sxy,
+    gaussian_weight: float = REFERENCE.gaussian_weight,
+    bilateral_sxy: float = REFERENCE.bilateral_sxy,
+    bilateral_srgb: float = REFERENCE.bilateral_srgb,
+    bilateral_weight: float = REFERENCE.bilateral_weight,
+    downsample: int = REFERENCE.downsample,
 ) -> CrfFn:
     """Bind the CRF parameters (the fields of ``config.CRFConfig``) into ``crf_fn(logits, images)``.
 
-    The defaults here are the reference parameters (``downsample=1``; the config's default is 4).
+    The defaults here are the reference parameters, :data:`primaps_dist.crf.defaults.REFERENCE`
+    (``downsample=1``; the config's default is :data:`~primaps_dist.crf.defaults.CONFIG_DOWNSAMPLE`).
     ``downsample`` applies to the torch backend only: with ``"pydensecrf"`` (always full resolution) it
     is not used. A ``"pydensecrf"`` backend that is not installed fails here, at set-up time, with a
     :class:`UserError`. For a config section use :func:`crf_from_config`, which decides what
