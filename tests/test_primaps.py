@@ -338,3 +338,18 @@ def test_invariants_on_random_maps(batch, channels, height, width, threshold, ma
         # mask_logits takes a sparse shortcut through the post-processing: same numbers.
         fast = mask_logits(features, threshold=threshold, max_masks=max_masks, median_filter=median)
         torch.testing.assert_close(fast, logits, atol=2e-6, rtol=0)
+
+
+@pytest.mark.parametrize("vectors", [1, 4])
+def test_rows_dot_equals_the_float64_products_and_does_not_depend_on_the_batch(vectors):
+    """The CPU's per-image matrix-vector path and the transposed product both give points @ vectors^T."""
+    from primaps_dist.primaps.rows import rows_dot
+
+    generator = torch.Generator().manual_seed(5)
+    points = torch.randn(3, 37, 24, generator=generator)
+    directions = torch.randn(3, vectors, 24, generator=generator)
+    result = rows_dot(points, directions)
+    assert result.shape == (3, 37, vectors) and result.dtype == torch.float32
+    expected = torch.einsum("bqc,bkc->bqk", points.double(), directions.double())
+    torch.testing.assert_close(result.double(), expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(rows_dot(points[1:2], directions[1:2]), result[1:2])
