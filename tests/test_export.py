@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from support.demo import CROP, NUM_CLASSES
+from support.demo import CROP, DEMO_CHANNELS, NUM_CLASSES
 from support.env import PYTHON, child_env
 from support.run import assert_one_line_error, run_command, run_main_in_process
 
@@ -114,6 +114,99 @@ def test_from_export_equals_from_checkpoint(exported, demo_checkpoint):
     loaded = Segmenter.from_export(exported)
     for got, expected in zip(loaded.segment(images), reference.segment(images)):
         assert torch.equal(got, expected)
+
+
+@pytest.fixture(scope="module")
+def head_checkpoint(demo_checkpoint, tmp_path_factory):
+    """The demo checkpoint relabelled as trained with ``backbone.head_weights``: a random 152 -> 152 head with the
+    conv-ReLU-conv branch (made by the head's command line), so the 152-channel prototypes fit its output."""
+    from primaps_dist.backbones.projection_head import main as head_main
+
+    folder = tmp_path_factory.mktemp("head_run")
+    head = folder / "random_head.pt"
+    assert head_main(["random", str(head), "--in-channels", str(DEMO_CHANNELS), "--out-channels",
+                      str(DEMO_CHANNELS), "--seed", "3"]) == 0
+    step = sorted(p for p in demo_checkpoint.iterdir() if p.name.startswith("step_"))[-1]
+    target = folder / step.name
+    shutil.copytree(step, target)
+    payload = torch.load(target / "checkpoint.pt", weights_only=True)
+    payload["config"]["backbone"]["head_weights"] = str(head)
+    torch.save(payload, target / "checkpoint.pt")
+    return target, head
+
+
+@pytest.fixture(scope="module")
+def exported_with_head(head_checkpoint, tmp_path_factory):
+    checkpoint, _ = head_checkpoint
+    out = tmp_path_factory.mktemp("export_head") / "model"
+    result = run_main_in_process("primaps_dist.cli", ["export", "--checkpoint", str(checkpoint), "--out", str(out)])
+    assert result.returncode == 0, result.describe()
+    return out
+
+
+def test_from_export_of_a_model_with_projection_head(exported_with_head, head_checkpoint, demo_checkpoint, tmp_path):
+    """The head's tensors travel in weights.safetensors (backbone.body.1.*): from_export rebuilds the head from
+    them, without the head file, and gives the in-process Segmenter's maps; dropping the head changes them."""
+    from safetensors.torch import load_file
+
+    from primaps_dist import Segmenter
+    from primaps_dist.segmenter import standalone
+
+    checkpoint, head = head_checkpoint
+    tensors = load_file(str(exported_with_head / "weights.safetensors"))
+    head_keys = sorted(k for k in tensors if k.startswith("backbone.body.1."))
+    assert head_keys == [f"backbone.body.1.{name}" for name in (
+        "linear.bias", "linear.weight", "nonlinear.0.bias", "nonlinear.0.weight", "nonlinear.2.bias",
+        "nonlinear.2.weight")]
+    assert tensors["backbone.body.1.nonlinear.0.weight"].shape == (DEMO_CHANNELS, DEMO_CHANNELS, 1, 1)
+    assert all(k.startswith(("backbone.body.0.", "backbone.body.1.")) for k in tensors if k.startswith("backbone."))
+    images = sample_images()
+    reference = Segmenter.from_checkpoint(checkpoint, device="cpu")
+    expected_maps, expected_scores = reference.segment(images), reference.scores(images)
+    without_head = Segmenter.from_checkpoint(demo_checkpoint / "latest", device="cpu").segment(images)
+    assert any(not torch.equal(a, b) for a, b in zip(expected_maps, without_head))  # the head matters
+    head.rename(tmp_path / head.name)  # the export needs no head file
+    try:
+        loaded = Segmenter.from_export(exported_with_head)
+        assert loaded.scorer.backbone.out_channels == DEMO_CHANNELS
+        for got, expected in zip(loaded.segment(images), expected_maps):
+            assert torch.equal(got, expected)
+        for got, expected in zip(loaded.scores(images), expected_scores):
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+        for got, expected in zip(standalone.load(exported_with_head).scores(images), expected_scores):
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+    finally:
+        (tmp_path / head.name).rename(head)
+
+
+@pytest.mark.parametrize("damage", ["no_branch_weight", "branch_shape", "no_head_tensors", "head_undeclared"])
+def test_damaged_head_export_is_refused(exported_with_head, tmp_path, damage):
+    from safetensors.torch import load_file, save_file
+
+    from primaps_dist import Segmenter
+    from primaps_dist.errors import UserError
+
+    folder = _copy(exported_with_head, tmp_path)
+    tensors = load_file(str(folder / "weights.safetensors"))
+    if damage == "no_branch_weight":
+        del tensors["backbone.body.1.nonlinear.2.weight"]
+        needle = "first mismatch: body.1.nonlinear.2.weight"
+    elif damage == "branch_shape":  # a 100-channel hidden layer: the sizes disagree with the second conv's
+        tensors["backbone.body.1.nonlinear.0.weight"] = torch.zeros(100, DEMO_CHANNELS, 1, 1)
+        needle = "first mismatch: body.1.nonlinear.0.bias"
+    elif damage == "no_head_tensors":
+        tensors = {k: v for k, v in tensors.items() if not k.startswith("backbone.body.1.")}
+        needle = "first mismatch: body.1.*: no 4-d 'linear.weight'"
+    else:  # the head's tensors, but config.json declares no head
+        config = json.loads((folder / "config.json").read_text())
+        config["backbone"]["head_weights"] = ""
+        (folder / "config.json").write_text(json.dumps(config))
+        needle = "do not fit backbone efficientnet_lite0 layers"
+    save_file(tensors, str(folder / "weights.safetensors"))
+    with pytest.raises(UserError) as caught:
+        Segmenter.from_export(folder)
+    message = str(caught.value)
+    assert needle in message and "weights.safetensors" in message and "\n" not in message, message
 
 
 def test_export_with_assignment_outputs_class_ids(demo_checkpoint, tmp_path):

@@ -1,7 +1,10 @@
 """The projection head itself: :class:`ProjectionHead` and the reader of its weight file.
 
 ``backbone.head_weights=PATH`` puts a user's trained STEGO / HP-style head, frozen, after the backbone
-(:func:`with_projection_head`, called by :func:`~primaps_dist.backbones.build.build_backbone`). The file format
+(:func:`with_projection_head`, called by :func:`~primaps_dist.backbones.build.build_backbone`: the file is read by
+:func:`load_projection_head`, the head put after the backbone by :func:`attach_projection_head`, which
+:meth:`Segmenter.from_export <primaps_dist.Segmenter.from_export>` also uses for a head rebuilt from an export's
+tensors, :func:`projection_head_shaped_like`). The file format
 (this project's and STEGO's tensor names) and the command line that checks or creates such files are described
 in :mod:`primaps_dist.backbones.projection_head`; that module is kept apart so that ``python -m`` runs it as a
 clean ``__main__`` and the builder and the config can import this one without importing the command line.
@@ -20,6 +23,8 @@ from primaps_dist.backbones.weights import load_weights_file
 from primaps_dist.errors import ConfigError
 
 HEAD_KEY = "backbone.head_weights"
+# Where attach_projection_head puts the head in the FeatureExtractor's state dict (body = Sequential(body, head)).
+HEAD_STATE_PREFIX = "body.1."
 
 # Leaf names this project writes, and STEGO's names for the same tensors.
 _LEAVES = ("linear.weight", "linear.bias", "nonlinear.0.weight", "nonlinear.0.bias",
@@ -135,19 +140,44 @@ def load_projection_head(path: str | Path, in_channels: int | None = None, backb
     return head.eval()
 
 
-def with_projection_head(extractor: FeatureExtractor, path: str | Path) -> FeatureExtractor:
-    """``extractor`` followed by the head in ``path``: a frozen :class:`FeatureExtractor` with the head's channels
-    (same stride, input normalisation and precision)."""
-    head = load_projection_head(path, extractor.out_channels, extractor.name)
+def projection_head_shaped_like(state: Mapping[str, torch.Tensor]) -> ProjectionHead:
+    """An (untrained) :class:`ProjectionHead` with the sizes of the head whose state dict is ``state``.
+
+    ``state``: a :class:`ProjectionHead`'s own tensor names without prefix (``linear.weight`` ``[D, C, 1, 1]``,
+    optional ``linear.bias`` ``[D]``, optional branch ``nonlinear.0.weight`` ``[H, C, 1, 1]`` ...), as an export
+    stores them. Load ``state`` into the result to get the head back. ValueError when the sizes cannot be read.
+    """
+    linear = state.get("linear.weight")
+    if linear is None or linear.dim() != 4:
+        raise ValueError("no 4-d 'linear.weight' among the head's tensors")
+    first = state.get("nonlinear.0.weight")
+    if first is not None and first.dim() != 4:
+        raise ValueError(f"'nonlinear.0.weight' has shape {list(first.shape)}, expected [hidden, in, 1, 1]")
+    hidden = 0 if first is None else int(first.shape[0])
+    return ProjectionHead(int(linear.shape[1]), int(linear.shape[0]), hidden, bias="linear.bias" in state)
+
+
+def attach_projection_head(extractor: FeatureExtractor, head: nn.Module, label: str) -> FeatureExtractor:
+    """``extractor`` followed by ``head`` (``[B, C, h, w] -> [B, D, h, w]``, with ``out_channels`` D): a frozen
+    :class:`FeatureExtractor` named ``"<name> + head <label>"`` with D channels (same stride, input normalisation
+    and precision). Its state dict holds the backbone under ``body.0.*`` and the head under ``body.1.*``
+    (:data:`HEAD_STATE_PREFIX`)."""
     mean = std = None
     if extractor.normalises_input:
         mean, std = extractor.mean.flatten().tolist(), extractor.std.flatten().tolist()
     return FeatureExtractor(
         nn.Sequential(extractor.body, head),
-        name=f"{extractor.name} + head {Path(path).name}",
+        name=f"{extractor.name} + head {label}",
         stride=extractor.stride,
-        out_channels=head.out_channels,
+        out_channels=int(head.out_channels),
         mean=mean,
         std=std,
         precision=extractor.precision,
     )
+
+
+def with_projection_head(extractor: FeatureExtractor, path: str | Path) -> FeatureExtractor:
+    """``extractor`` followed by the head in ``path`` (:func:`load_projection_head`, checked against the
+    extractor's channels, then :func:`attach_projection_head`)."""
+    head = load_projection_head(path, extractor.out_channels, extractor.name)
+    return attach_projection_head(extractor, head, Path(path).name)

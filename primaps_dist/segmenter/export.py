@@ -4,8 +4,10 @@
 
 The folder holds
 
-* ``weights.safetensors``: the backbone's state dict (``backbone.*``), the prototypes ``[K, C]`` and the
-  preprocessing (``preprocessing.mean`` / ``preprocessing.std``, applied to RGB in 0..1 before the backbone);
+* ``weights.safetensors``: the backbone's state dict (``backbone.*``; with a projection head,
+  ``backbone.head_weights``, the backbone is ``backbone.body.0.*`` and the head ``backbone.body.1.*``, so the
+  head file is not needed to load the folder), the prototypes ``[K, C]`` and the preprocessing
+  (``preprocessing.mean`` / ``preprocessing.std``, applied to RGB in 0..1 before the backbone);
 * ``config.json``: format and version, backbone section, crop size, stride, channels, K, flip, the CRF settings of
   ``eval.crf`` (or null), class assignment and names, the source checkpoint and step;
 * ``window_program.pt2``: a ``torch.export`` program, windows ``[N, 3, S, S]`` -> scores ``[N, K, S, S]``, loaded
@@ -98,9 +100,26 @@ def check_export_folder(folder: Path) -> dict[str, Any]:
     return config
 
 
+def _with_exported_head(backbone, state: dict[str, torch.Tensor], label: str, misfit):
+    """``backbone`` followed by a :class:`~primaps_dist.backbones.head.ProjectionHead` sized like the exported
+    one (``state``'s ``body.1.*`` tensors; weights loaded later with the rest), attached as
+    ``backbone.head_weights`` attaches it; ``misfit(key)`` (a UserError) when no head fits those tensors."""
+    from primaps_dist.backbones.head import HEAD_STATE_PREFIX as prefix
+    from primaps_dist.backbones.head import attach_projection_head, projection_head_shaped_like
+
+    head_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    try:
+        head = projection_head_shaped_like(head_state)
+    except ValueError as err:
+        raise misfit(f"{prefix}*: {err}") from None
+    return attach_projection_head(backbone, head, label)
+
+
 def read_export(folder: Path, *, crf: bool | None = None) -> dict[str, Any]:
     """The parts :meth:`Segmenter.from_export` is made of (scorer, crop_size, crf_fn, assignment, class_names,
-    config): the backbone rebuilt (random init, no network) with the safetensors' weights loaded."""
+    config): the backbone rebuilt (random init, no network), followed by the projection head of
+    ``backbone.head_weights`` when the model has one (sized from its exported tensors; the head file itself is
+    not needed), with the safetensors' weights loaded."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -114,17 +133,22 @@ def read_export(folder: Path, *, crf: bool | None = None) -> dict[str, Any]:
     except (SafetensorError, OSError, ValueError) as err:
         raise UserError(f"{weights_path}: unreadable safetensors file ({str(err).splitlines()[0][:120]})") from None
     cfg = config_from_dict({"backbone": config["backbone"]})
-    if cfg.backbone.head_weights:
-        raise UserError(f"{folder}: a model with a projection head loads through {standalone.PROGRAM_NAME} "
-                        f"({RUNNER_NAME}), not Segmenter.from_export")
+    head_weights, cfg.backbone.head_weights = cfg.backbone.head_weights, ""  # the head's tensors are exported too
     cfg.backbone.weights = "random"  # the real weights come from the safetensors file below
     backbone = build_backbone(cfg.backbone, "cpu")
     state = {k[len("backbone."):]: v for k, v in tensors.items() if k.startswith("backbone.")}
+
+    def misfit(first: str) -> UserError:
+        head = f" + projection head {Path(head_weights).name}" if head_weights else ""
+        return UserError(f"{weights_path}: the weights do not fit backbone {cfg.backbone.name} layers "
+                         f"{list(cfg.backbone.layers)}{head} (first mismatch: {first})")
+
+    if head_weights:
+        backbone = _with_exported_head(backbone, state, Path(head_weights).name, misfit)
     expected = backbone.state_dict()
     bad = sorted(set(state) ^ set(expected)) or [k for k in expected if state[k].shape != expected[k].shape]
     if bad or "prototypes" not in tensors:
-        raise UserError(f"{weights_path}: the weights do not fit backbone {cfg.backbone.name} layers "
-                        f"{list(cfg.backbone.layers)} (first mismatch: {bad[0] if bad else 'prototypes'})")
+        raise misfit(bad[0] if bad else "prototypes")
     backbone.load_state_dict(state)
     prototypes = tensors["prototypes"]
     if tuple(prototypes.shape) != (config["num_classes"], backbone.out_channels):
