@@ -175,21 +175,31 @@ def test_sigterm_checkpoints_exits_3_and_the_next_run_resumes(demo_data, tmp_pat
 # ----------------------------------------------------------------------------------------------- hung / dead peer
 
 
-PEER_TIMEOUT_S = 5.0  # dist.timeout_s of the two-rank run below
+# dist.timeout_s of the two-rank runs below. It bounds every collective of the run, the healthy ones before the
+# fault too (start-up skew between the two hand-started ranks, one step's imbalance): too short and a slow but
+# healthy collective fails on a loaded machine. Measured: the healthy phase still passes at 1 s when alone.
+# - A dead peer (SIGKILL) is noticed at once from the closed connection, never from the timeout, so its run
+#   takes a long timeout at no cost: only the healthy collectives are bounded by it.
+# - A hung peer (SIGSTOP) is noticed only when the timeout passes: the test waits that long, so the value is a
+#   trade-off: 10 s (10x the measured need, 2x the old 5 s) costs 5 s more than 5 s did.
+DEAD_PEER_TIMEOUT_S = 60.0
+HUNG_PEER_TIMEOUT_S = 10.0
+DEAD_PEER_NOTICED_S = 10.0  # "at once": far below DEAD_PEER_TIMEOUT_S (measured 0.2-0.4 s)
 
 
-@pytest.mark.alone  # both ranks must meet within the 5 s timeout, and the bounds below are wall-clock
-@pytest.mark.parametrize("fault, message", [
-    (signal.SIGSTOP, "timed out after 5 s (a peer died or hung; see dist.timeout_s)"),
-    (signal.SIGKILL, "a peer closed the connection"),
+@pytest.mark.alone  # wall-clock bounds below, and both ranks must meet within dist.timeout_s at every collective
+@pytest.mark.parametrize("fault, timeout_s, message", [
+    (signal.SIGSTOP, HUNG_PEER_TIMEOUT_S,
+     f"timed out after {HUNG_PEER_TIMEOUT_S:g} s (a peer died or hung; see dist.timeout_s)"),
+    (signal.SIGKILL, DEAD_PEER_TIMEOUT_S, "a peer closed the connection"),
 ], ids=["hung_peer_sigstop", "dead_peer_sigkill"])
-def test_survivor_of_a_hung_or_dead_peer_exits_with_one_line(fault, message, demo_data, tmp_path):
+def test_survivor_of_a_hung_or_dead_peer_exits_with_one_line(fault, timeout_s, message, demo_data, tmp_path):
     """Two ranks started by hand (no torchrun to clean up): rank 1 stops or dies, rank 0 must not hang.
 
     A hung peer is reported when dist.timeout_s has passed (give or take the step in flight), a dead one at
     once, long before the timeout; rank 0 then exits promptly."""
     out = tmp_path / "run"
-    command = train_command(demo_data, out, f"dist.timeout_s={PEER_TIMEOUT_S:g}", kmeans=100000)
+    command = train_command(demo_data, out, f"dist.timeout_s={timeout_s:g}", kmeans=100000)
     port = free_port()
     ranks = []
     try:
@@ -212,9 +222,9 @@ def test_survivor_of_a_hung_or_dead_peer_exits_with_one_line(fault, message, dem
     assert code == 2, line
     print(f"rank 0 wrote its error {noticed:.1f} s and ended {ended:.1f} s after {fault.name} of rank 1: {line}")
     if fault == signal.SIGSTOP:
-        assert 0.8 * PEER_TIMEOUT_S <= noticed <= PEER_TIMEOUT_S + 4.0, noticed  # measured: 5.6 s
+        assert 0.8 * timeout_s <= noticed <= timeout_s + 4.0, noticed  # measured: timeout + 0.2 s
     else:
-        assert noticed < 0.5 * PEER_TIMEOUT_S, noticed  # the closed connection, not the timeout; measured: 0.4 s
+        assert noticed < DEAD_PEER_NOTICED_S, noticed  # the closed connection, not the timeout; measured: 0.2-0.4 s
     assert ended - noticed <= 15.0, (noticed, ended)  # no hang while exiting; measured: 2-4 s on 2 busy cores
     assert complete_steps(out)  # the checkpoints written before the fault are intact
     ckpt.load_checkpoint(out / "checkpoints")

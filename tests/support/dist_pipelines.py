@@ -19,6 +19,14 @@ from support.run import Result, run_command, torchrun_command
 
 WORKERS = Path(__file__).resolve().parent / "dist_workers.py"
 
+# The ``timeout`` scenario (rank 1 hangs, rank 0 must fail with one line): its dist.timeout_s and rank 1's sleep.
+# The timeout also bounds the healthy part, joining the group: both ranks start at once under torchrun, but on
+# a loaded machine one may finish importing seconds after the other, and a join slower than the timeout fails
+# the test with the wrong error. The test waits the full timeout, so it stays short: 6 s (was 3 s) costs 3 s
+# more. The sleep outlasts it with room to spare, so rank 0 always times out before rank 1 arrives.
+HUNG_PEER_TIMEOUT_S = 6.0
+HUNG_PEER_SLEEP_S = 2 * HUNG_PEER_TIMEOUT_S
+
 # Small problem: K prototypes of dimension C on h x w feature maps; B images per rank per step.
 K, C, H, W = 5, 16, 6, 6
 PCA_STEPS, KMEANS_STEPS, EM_STEPS = 3, 4, 4

@@ -102,7 +102,7 @@ def run_shutdown(rank: int, outdir: Path) -> None:
 
 def run_timeout(rank: int, outdir: Path) -> None:
     if rank == 1:
-        time.sleep(12.0)  # longer than the 3 s group timeout
+        time.sleep(utils.HUNG_PEER_SLEEP_S)  # twice the group timeout: rank 0 gives up first
     started = time.monotonic()
     try:
         distributed.all_reduce_sum(torch.ones(3))
@@ -129,7 +129,7 @@ def main(argv) -> int:
     if scenario not in ("stats", "ddp", "core", "deepspeed", "timeout", "srun", "shutdown"):
         raise SystemExit(f"unknown scenario {scenario}")
     torch.set_num_threads(1)
-    timeout_s = 3.0 if scenario == "timeout" else 60.0
+    timeout_s = utils.HUNG_PEER_TIMEOUT_S if scenario == "timeout" else 60.0
     env = distributed.init_distributed(DistConfig(backend="gloo", timeout_s=timeout_s), "cpu")
     if scenario in ("stats", "core"):
         run_stats(env.rank, env.world_size, outdir)

@@ -1,6 +1,6 @@
 """Two test processes at once (pytest-xdist) without tests disturbing each other.
 
-Tests with wall-clock bounds (a peer's 5 s timeout noticed within a few seconds, ranks that must meet at a
+Tests with wall-clock bounds (a peer's timeout noticed within a few seconds of it, ranks that must meet at a
 barrier within ``dist.timeout_s`` of each other) are marked ``@pytest.mark.alone``: while one runs, the other
 worker starts no test. :class:`RunLock` does that with two ``flock`` files in the run's folder, shared by the
 workers: every test holds the lock shared, an ``alone`` test holds it exclusively.
