@@ -9,6 +9,7 @@ import re
 import shlex
 import time
 import urllib.request
+import warnings
 
 import numpy as np
 import pytest
@@ -85,7 +86,10 @@ def test_pyfunc_model_gives_the_segmenters_maps(exported, tmp_path):
     for package in ("mlflow", "numpy", "torch"):
         assert f"{package}=={importlib.metadata.version(package).split('+')[0]}" in requirements, requirements
     batch = images_batch()
-    maps = mlflow.pyfunc.load_model(str(folder)).predict(batch)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        maps = mlflow.pyfunc.load_model(str(folder)).predict(batch)
+    assert not [w for w in caught if "type hint" in str(w.message).lower()], [str(w.message) for w in caught]
     assert maps.shape == (2, 70, 90) and maps.dtype == np.int64 and maps.max() < NUM_CLASSES
     expected = Segmenter.from_export(exported).segment(list(batch))
     assert all(np.array_equal(got, ids.numpy()) for got, ids in zip(maps, expected))

@@ -20,7 +20,6 @@ import importlib.metadata
 import os
 import shutil
 import tempfile
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -84,8 +83,7 @@ def save_mlflow_model(export_dir: str | os.PathLike, path: str | os.PathLike, cr
     if path.exists():
         shutil.rmtree(path)
     example = np.zeros((1, crop_size, crop_size, 3), dtype=np.uint8)
-    with warnings.catch_warnings(), _without_environment_scan():
-        warnings.filterwarnings("ignore", message=".*type hints.*")  # the explicit signature replaces them
+    with _without_environment_scan():
         mlflow.pyfunc.save_model(
             str(path), python_model=str(CODE_FILE), artifacts={EXPORT_ARTIFACT: str(export_dir)},
             signature=signature(), input_example=example, pip_requirements=pip_requirements(),

@@ -19,7 +19,9 @@ class SegmenterModel(mlflow.pyfunc.PythonModel):
         spec.loader.exec_module(runner)
         self.model = runner.load(folder)
 
-    def predict(self, context, model_input, params=None):
+    # The annotation only tells MLflow that the input is an array: MLflow infers no schema from np.ndarray
+    # (the model's explicit signature does the validation) and stops warning "add type hints" at load time.
+    def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:
         if isinstance(model_input, dict):  # a named tensor input
             (model_input,) = model_input.values()
         images = np.asarray(model_input)
