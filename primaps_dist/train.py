@@ -15,8 +15,10 @@ call the same public functions that the multi-rank tests check bit for bit: ``Co
 ``em.kmeans.kmeans_step``, ``em.stats.stats_step`` and ``em.gradient.GradientEngine.step``, on the raw
 features (each normalises once, in float64).
 Checkpoints (rank 0, atomic) hold a :class:`~primaps_dist.train_state.TrainState`, everything needed to continue
-bit for bit: prototypes and EM state, head/optimizer state, each rank's data-stream position and student-view
-generator, and the MLflow run id.
+bit for bit: prototypes and EM state, head/optimizer state, the global data-stream position and the MLflow run
+id. The student's photometric view needs no state of its own: each sample's view is seeded by ``train.seed``
+and the sample's place in the global training sequence (the batch's ``sample_index``), so it is the same on any
+number of ranks and after a resume.
 
 The module stays whole (~450 lines): nearly all of it is :class:`Trainer`, one class whose methods are the
 stages of a step, its checkpoint and resume; the helpers it used to carry live in runtime.py, train_state.py,
@@ -119,8 +121,11 @@ class Trainer:
     * ``backbone``: a frozen module ``[B, 3, H, W]`` in 0..1 -> ``[B, C, H/stride, W/stride]`` with attributes
       ``stride`` and ``out_channels``; default ``build_backbone(cfg.backbone)``.
     * ``loader``: an iterable of training batches, dicts with ``image`` ``[B, 3, S, S]`` float in 0..1 and,
-      from the shard loader, ``state`` (stream position, checkpointed) and ``skipped``; used as given, also
-      after a resume. Default: :func:`make_train_loader` over ``data.train_shards`` from the resumed position.
+      from the shard loader, ``sample_index`` int64 ``[B]`` (each sample's place in the global sequence; seeds
+      its photometric view), ``state`` (stream position, checkpointed) and ``skipped``; used as given, also
+      after a resume. Without ``sample_index`` the batch is taken as rank ``r``'s contiguous block of the global
+      batch of step ``t``: indices ``t * B * W + r * B + [0, B)``. Default: :func:`make_train_loader` over
+      ``data.train_shards`` from the resumed position.
     * ``tracker``: an object with the :class:`~primaps_dist.tracking.Tracker` methods ``start``,
       ``log_metrics``, ``log_artifact`` and ``finish``; default an MLflow Tracker (active on the master only).
     """
@@ -156,7 +161,6 @@ class Trainer:
         self.covariance = CovarianceAccumulator(self.C)
         self.state = PrototypeState(self.K, self.C)
         self.engine: em_gradient.GradientEngine | None = None
-        self.student_generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + env.rank)
         self.step = 0
         self.loader_state: Any = None
         self.skipped_total = 0
@@ -195,11 +199,7 @@ class Trainer:
         self.mlflow_run_id = saved.mlflow_run_id or None
         self.skipped_total = saved.skipped_total
         self.baseline_prototypes = saved.kmeans_prototypes
-        rank, world_size = self.env.rank, self.env.world_size
         self.loader_state = saved.data_position  # global: valid on any number of ranks
-        generator_state = saved.rank_part(saved.student_generators, rank, world_size)
-        if generator_state is not None:
-            self.student_generator.set_state(generator_state)
         if saved.gradient_state is not None and self.cfg.em.mode == "gradient":
             self._ensure_engine()
             self.engine.load_state_dict(saved.gradient_state, checkpoint_dir=Path(latest))
@@ -207,7 +207,7 @@ class Trainer:
 
     def train_state(self) -> tuple[TrainState, Any]:
         """This run's :class:`TrainState` and the engine's writer of sharded state (None unless DeepSpeed ZeRO).
-        Collective: gathers every rank's data-stream position and student-view generator."""
+        Collective: gathers every rank's data-stream position."""
         gradient_state, sharded_writer = None, None
         if self.engine is not None:
             gradient_state, sharded_writer = self.engine.checkpoint_parts()
@@ -221,7 +221,6 @@ class Trainer:
             world_size=self.env.world_size,
             em_state=self.state.state_dict(),
             data_position=merge_states(dist.all_gather_object(self.loader_state)),
-            student_generators=dist.all_gather_object(self.student_generator.get_state()),
             skipped_total=self.skipped_total,
             mlflow_run_id=self.mlflow_run_id or "",
             kmeans_prototypes=self.baseline_prototypes,
@@ -285,9 +284,22 @@ class Trainer:
         return {"kmeans/objective": summary.objective,
                 "class_usage_entropy": partial(class_usage_entropy, summary.counts)}
 
-    def e_and_m_step(self, images: torch.Tensor, features: torch.Tensor, timer: StepTimer) -> dict[str, Any]:
+    def sample_indices(self, batch: dict[str, Any]) -> torch.Tensor:
+        """int64 ``[B]``: each sample's place in the global training sequence (seeds its photometric view): the
+        shard loader's ``sample_index``, else (an injected loader) this rank's contiguous block of the global
+        batch of the current step, ``step * B * W + rank * B + [0, B)``."""
+        if "sample_index" in batch:
+            return torch.as_tensor(batch["sample_index"], dtype=torch.int64)
+        size = int(batch["image"].shape[0])
+        first = (self.step * self.env.world_size + self.env.rank) * size
+        return torch.arange(first, first + size, dtype=torch.int64)
+
+    def e_and_m_step(self, images: torch.Tensor, features: torch.Tensor, timer: StepTimer,
+                     sample_index: torch.Tensor | None = None) -> dict[str, Any]:
         """One PriMaPs-EM step: the E-step (pseudo labels of ``images`` ``[B, 3, H, W]`` from ``features``
-        ``[B, C, h, w]`` and the teacher prototypes), then the M-step (``stats`` or ``gradient``)."""
+        ``[B, C, h, w]`` and the teacher prototypes), then the M-step (``stats`` or ``gradient``).
+        ``sample_index`` int64 ``[B]`` (:meth:`sample_indices`) seeds the photometric student view
+        (``gradient`` mode with ``em.photometric``; required there)."""
         cfg = self.cfg
         label_size = cfg.proposals.label_size or cfg.data.crop_size
         teacher = self.state.prototypes if cfg.em.mode == "stats" else self.engine.teacher_prototypes()
@@ -319,7 +331,10 @@ class Trainer:
         else:
             student_images = images
             if cfg.em.photometric:
-                student_images = em_gradient.photometric_view(images, self.student_generator)
+                if sample_index is None:
+                    raise ValueError("em.photometric needs the batch's sample_index to seed the student view")
+                draws = em_gradient.photometric_draws(sample_index, cfg.train.seed)  # [8, B], per sample
+                student_images = em_gradient.photometric_view(images, draws)
             student_features = features if student_images is images else self.backbone(student_images)
             loss, counts = self.engine.step_on_device(student_features, pseudo.labels)
             self.state.set_prototypes(self.engine.teacher_prototypes())
@@ -422,7 +437,7 @@ class Trainer:
                 elif stage == "kmeans":
                     metrics = self.kmeans_step(features)
                 else:
-                    metrics = self.e_and_m_step(images, features, timer)
+                    metrics = self.e_and_m_step(images, features, timer, self.sample_indices(batch))
                 timer.lap("update", self.device)
                 self.step += 1
                 if cfg.train.verify_every and self.step > self.stages.pca_end and self.step % cfg.train.verify_every == 0:

@@ -7,7 +7,8 @@ refuses a payload of another schema version with one line naming the file. The p
 tensors, numbers, strings, lists and dicts, so ``torch.load(weights_only=True)`` reads it without this code.
 
 Change the layout -> bump :data:`SCHEMA_VERSION`. Checkpoints written before the version existed have no
-``schema_version`` key and are refused the same way (their field set differed).
+``schema_version`` key and are refused the same way (their field set differed). Older versions that only
+carried a field more (:data:`READABLE_VERSIONS`) are still read; the retired field is ignored.
 """
 
 from __future__ import annotations
@@ -24,9 +25,14 @@ import torch
 from primaps_dist import checkpoint as ckpt
 from primaps_dist.errors import UserError
 
-__all__ = ["SCHEMA_VERSION", "BackboneRecord", "TrainState", "load_train_state"]
+__all__ = ["READABLE_VERSIONS", "SCHEMA_VERSION", "BackboneRecord", "TrainState", "load_train_state"]
 
-SCHEMA_VERSION = 2  # 2: one global data position (data_position) instead of one loader state per rank
+# 2: one global data position (data_position) instead of one loader state per rank.
+# 3: no per-rank student_generators: the photometric view is seeded by each sample's place in the data.
+SCHEMA_VERSION = 3
+# A version 2 payload is version 3 plus student_generators, which is ignored: a run resumed from one draws its
+# remaining student views the version 3 way (seeded by sample), not from the saved generators.
+READABLE_VERSIONS = (2, 3)
 VERSION_KEY = "schema_version"
 
 
@@ -42,7 +48,8 @@ class BackboneRecord:
 
 @dataclass
 class TrainState:
-    """One rank-independent snapshot of a run (per-rank parts are lists indexed by rank).
+    """One snapshot of a run that resumes on any number of ranks (no part of it is per rank; ``world_size``
+    only records how many wrote it).
 
     prototypes: [K, C] float32 unit rows (theta_M's in ``gradient`` mode).
     step: global steps done; stage: the stage of the last step done (``pca``, ``kmeans`` or ``em``).
@@ -50,7 +57,6 @@ class TrainState:
     em_state: :meth:`PrototypeState.state_dict` (prototypes, moving statistics M [K, C], W [K], step).
     data_position: the global position of the training stream, valid on any number of ranks
         (:func:`primaps_dist.data.loader.merge_states`), or None (an injected loader without positions).
-    student_generators: one [N] uint8 ``torch.Generator`` state per rank (photometric views).
     kmeans_prototypes: [K, C] K-means result kept to report the baseline, or None before it exists.
     gradient_state: :meth:`GradientEngine.state_dict` in ``gradient`` mode, else None.
     mlflow_run_id: "" when no MLflow run was started.
@@ -65,7 +71,6 @@ class TrainState:
     world_size: int
     em_state: dict[str, torch.Tensor]
     data_position: dict[str, Any] | None
-    student_generators: list[torch.Tensor]
     skipped_total: int = 0
     mlflow_run_id: str = ""
     kmeans_prototypes: torch.Tensor | None = None
@@ -85,22 +90,24 @@ class TrainState:
 
     @classmethod
     def from_payload(cls, payload: dict[str, Any], source: str | os.PathLike = "") -> "TrainState":
-        """Read a payload of this schema version; UserError in one line (naming ``source``) for any other
-        version, a missing field or a field of the wrong type."""
+        """Read a payload of a readable schema version (:data:`READABLE_VERSIONS`; fields of older versions that
+        this one no longer has, e.g. version 2's ``student_generators``, are ignored); UserError in one line
+        (naming ``source``) for any other version, a missing field or a field of the wrong type."""
         where = f"checkpoint {source}" if str(source) else "the checkpoint"
         version = payload.get(VERSION_KEY) if isinstance(payload, dict) else None
         if version is None:
             raise UserError(f"{where} has no {VERSION_KEY}: it was written by an older primaps-dist whose "
                             f"checkpoints this version ({VERSION_KEY} {SCHEMA_VERSION}) cannot read; train anew")
-        if version != SCHEMA_VERSION:
+        if type(version) is not int or version not in READABLE_VERSIONS:
+            readable = " or ".join(map(str, READABLE_VERSIONS))
             raise UserError(f"{where} has {VERSION_KEY} {version!r}, but this primaps-dist reads {VERSION_KEY} "
-                            f"{SCHEMA_VERSION} only; use the primaps-dist that wrote it")
+                            f"{readable} only; use the primaps-dist that wrote it")
         values: dict[str, Any] = {}
         for item in dataclasses.fields(cls):
             if item.name == "source":
                 continue
             if item.name not in payload:
-                raise UserError(f"{where} lacks '{item.name}' ({VERSION_KEY} {SCHEMA_VERSION}): the file is damaged")
+                raise UserError(f"{where} lacks '{item.name}' ({VERSION_KEY} {version}): the file is damaged")
             values[item.name] = payload[item.name]
         _check_types(values, where)
         backbone = values["backbone"]
@@ -142,11 +149,6 @@ class TrainState:
                 f"{channels} channels (backbone.name / backbone.layers)"
             )
 
-    def rank_part(self, parts: list[Any], rank: int, world_size: int) -> Any | None:
-        """Rank ``rank``'s entry of a per-rank list (``student_generators``), or None when
-        the saved run had another world size than ``world_size`` (that part then starts afresh)."""
-        return parts[rank] if world_size == self.world_size else None
-
 
 def _different_files(first: str, second: str) -> bool:
     """True when both files can be read and their bytes differ (a moved head file is accepted)."""
@@ -175,8 +177,6 @@ def _check_types(values: dict[str, Any], where: str) -> None:
     backbone = values["backbone"]
     if not isinstance(backbone, dict) or not {"name", "layers", "channels"} <= set(backbone):
         raise bad("backbone", "a dict with name, layers and channels")
-    if not isinstance(values["student_generators"], list) or len(values["student_generators"]) != values["world_size"]:
-        raise bad("student_generators", "a list with one entry per rank")
     if values["data_position"] is not None and not isinstance(values["data_position"], dict):
         raise bad("data_position", "a dict or None")
     for name in ("kmeans_prototypes", "gradient_state"):

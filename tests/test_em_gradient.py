@@ -21,6 +21,7 @@ from primaps_dist.em.gradient import (
     load_deepspeed_config,
     make_engine,
     make_head_engine,
+    photometric_draws,
     photometric_view,
     step_metrics,
 )
@@ -206,29 +207,72 @@ def test_old_cosine_head_checkpoint_is_refused_in_one_line():
     assert "\n" not in str(err.value) and "checkpoint.resume=false" in str(err.value)
 
 
+def draws_of(count: int, seed: int) -> torch.Tensor:
+    """[8, count] uniforms for keys 0..count-1."""
+    return photometric_draws(torch.arange(count), seed)
+
+
 def test_photometric_view_is_seeded_batched_and_in_range():
     images = torch.rand(6, 3, 24, 24, generator=torch.Generator().manual_seed(0))
-    first = photometric_view(images, torch.Generator().manual_seed(1))
-    again = photometric_view(images, torch.Generator().manual_seed(1))
-    other = photometric_view(images, torch.Generator().manual_seed(2))
+    first = photometric_view(images, draws_of(6, 1))
+    again = photometric_view(images, draws_of(6, 1))
+    other = photometric_view(images, draws_of(6, 2))
     assert first.shape == images.shape and first.dtype == images.dtype
     assert torch.equal(first, again) and not torch.equal(first, other)
     assert first.min() >= 0.0 and first.max() <= 1.0
     assert not torch.equal(first, images)
     with pytest.raises(ValueError, match="images must be"):
-        photometric_view(torch.rand(2, 1, 8, 8), torch.Generator())
+        photometric_view(torch.rand(2, 1, 8, 8), draws_of(2, 0))
+    with pytest.raises(ValueError, match=r"draws must be \[8, B=2\]"):
+        photometric_view(torch.rand(2, 3, 8, 8), draws_of(3, 0))
+    with pytest.raises(ValueError, match="non-negative"):
+        photometric_draws(torch.tensor([3, -1]), 0)
+
+
+def test_photometric_draws_are_a_function_of_seed_and_key_only():
+    keys = torch.tensor([0, 1, 7, 2**40 + 5, 123456789])
+    draws = photometric_draws(keys, 3)
+    assert draws.shape == (8, 5) and draws.dtype == torch.float64
+    assert float(draws.min()) >= 0.0 and float(draws.max()) < 1.0
+    for index, key in enumerate(keys.tolist()):  # alone, in another batch, in another order: the same column
+        assert torch.equal(photometric_draws([key], 3)[:, 0], draws[:, index])
+    assert torch.equal(photometric_draws(keys.flip(0), 3), draws.flip(1))
+    assert torch.equal(photometric_draws(keys, 3 + 2**63), draws)  # the seed is taken modulo 2**63
+    assert not torch.equal(photometric_draws(keys, 4), draws)
+    columns = {tuple(column.tolist()) for column in photometric_draws(torch.arange(200), 3).T}
+    assert len(columns) == 200  # different keys, different numbers
+    many = photometric_draws(torch.arange(4000), 3)  # uniform: each row's mean ~0.5 (std of the mean 0.0046)
+    assert (many.mean(dim=1) - 0.5).abs().max() < 0.025
+    assert photometric_draws(torch.zeros(0, dtype=torch.int64), 3).shape == (8, 0)
+
+
+def test_a_samples_view_does_not_depend_on_its_batch():
+    """The view of a sample is decided by its key: the same key gives the same pixels in a batch of 5, a batch
+    of 1 or another mix; another key (another sample, or the same image at a later visit) another view."""
+    images = torch.rand(5, 3, 24, 24, generator=torch.Generator().manual_seed(11))
+    keys = torch.tensor([40, 41, 42, 43, 44])
+    batch = photometric_view(images, photometric_draws(keys, 3))
+    for index in range(5):
+        alone = photometric_view(images[index:index + 1], photometric_draws(keys[index:index + 1], 3))
+        torch.testing.assert_close(alone[0], batch[index], rtol=0, atol=1e-6)
+    mixed = torch.tensor([4, 0, 2])  # another batch: other neighbours, other places
+    other_batch = photometric_view(images[mixed], photometric_draws(keys[mixed], 3))
+    torch.testing.assert_close(other_batch, batch[mixed], rtol=0, atol=1e-6)
+    revisit = photometric_view(images, photometric_draws(keys + 8, 3))  # the same images, the next step's keys
+    change = (revisit - batch).abs().amax(dim=(1, 2, 3))
+    assert (change > 1e-2).all(), change
 
 
 def test_photometric_branches():
     images = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(3))
     always_grey = PhotometricParams(jitter_branch_p=0.0, greyscale_p=1.0)
-    grey = photometric_view(images, torch.Generator().manual_seed(0), always_grey)
+    grey = photometric_view(images, draws_of(4, 0), always_grey)
     torch.testing.assert_close(grey[:, 0], grey[:, 1], rtol=0, atol=0)
     torch.testing.assert_close(grey[:, 1], grey[:, 2], rtol=0, atol=0)
     nothing = PhotometricParams(blur_sigma=(1e-3, 1e-3), jitter_branch_p=1.0, jitter_p=0.0)
-    torch.testing.assert_close(photometric_view(images, torch.Generator(), nothing), images)  # delta kernel
+    torch.testing.assert_close(photometric_view(images, draws_of(4, 0), nothing), images)  # delta kernel
     jitter_only = PhotometricParams(blur_sigma=(1e-3, 1e-3), jitter_branch_p=1.0, jitter_p=1.0)
-    jittered = photometric_view(images, torch.Generator().manual_seed(5), jitter_only)
+    jittered = photometric_view(images, draws_of(4, 5), jitter_only)
     change = (jittered - images).abs().mean(dim=(1, 2, 3))
     assert (change > 1e-3).all() and (change < 0.2).all()
 

@@ -159,6 +159,8 @@ def test_train_batches_have_the_documented_layout(shard_dir):
     assert batch["label"].shape == (4, CROP, CROP) and batch["label"].dtype == torch.int64
     assert bool((batch["label"] == 255).all()), "training skips labels unless asked"
     assert len(batch["key"]) == 4 and batch["skipped"] == 0
+    assert torch.equal(batch["sample_index"], torch.arange(4))  # step 0's places in the global sequence
+    assert torch.equal(next(loader)["sample_index"], torch.arange(4, 8))
     labelled = next(make_train_loader(data_cfg(shard_dir), rank=0, world_size=1, seed=0, with_labels=True))
     assert int(labelled["label"].max()) < 4
     assert torch.equal(labelled["image"], batch["image"]), "labels do not change the image stream"
@@ -175,13 +177,18 @@ def test_same_seeds_reproduce_and_streams_differ(shard_dir):
 
 
 def _global_batches(cfg, world_size: int, steps: int, **options) -> list[tuple[list[str], torch.Tensor]]:
-    """Each step's batches of all ranks, concatenated in rank order."""
+    """Each step's batches of all ranks, concatenated in rank order: (keys, images); checks on the way that each
+    global batch's ``sample_index`` is ``t * G + [0, G)`` (the places of step t, the same on any W)."""
     loaders = [make_train_loader(cfg, rank=rank, world_size=world_size, seed=11, **options)
                for rank in range(world_size)]
     out = []
     for _ in range(steps):
         batches = [next(loader) for loader in loaders]
         assert {len(b["key"]) for b in batches} == {cfg.global_batch_size // world_size}
+        step = batches[0]["state"]["step"] - 1  # 0-based step of this batch
+        index = torch.cat([b["sample_index"] for b in batches])
+        assert index.dtype == torch.int64
+        assert torch.equal(index, torch.arange(step * cfg.global_batch_size, (step + 1) * cfg.global_batch_size))
         out.append(([k for b in batches for k in b["key"]], torch.cat([b["image"] for b in batches])))
     for loader in loaders:
         loader.close()
@@ -265,9 +272,10 @@ def test_resume_reproduces_the_uninterrupted_stream(shard_dir, num_workers, stop
     loaders = [make_train_loader(cfg, rank=rank, world_size=resume_world, seed=11, start_step=stop,
                                  resume_state=merged) for rank in range(resume_world)]
     assert all(loader.resumed for loader in loaders)
-    for keys, images in reference[stop:]:
+    for step, (keys, images) in enumerate(reference[stop:], start=stop):
         batches = [next(loader) for loader in loaders]
         assert [k for b in batches for k in b["key"]] == keys
+        assert torch.equal(torch.cat([b["sample_index"] for b in batches]), torch.arange(4 * step, 4 * step + 4))
         assert torch.equal(torch.cat([b["image"] for b in batches]), images)  # bitwise
     for loader in loaders:
         loader.close()

@@ -13,7 +13,7 @@ from primaps_dist import checkpoint as ckpt
 from primaps_dist import evaluate
 from primaps_dist.config import Config
 from primaps_dist.errors import UserError, run_cli
-from primaps_dist.train_state import SCHEMA_VERSION, BackboneRecord, TrainState, load_train_state
+from primaps_dist.train_state import READABLE_VERSIONS, SCHEMA_VERSION, BackboneRecord, TrainState, load_train_state
 
 K, C = 5, 8
 
@@ -34,7 +34,6 @@ def make_state(world_size: int = 2, seed: int = 0, **changes) -> TrainState:
                   "M": torch.randn(K, C, generator=generator, dtype=torch.float64),
                   "W": torch.rand(K, generator=generator, dtype=torch.float64), "step": torch.tensor(4)},
         data_position={"version": 2, "step": 12, "positions": {str(s): [s, 3] for s in range(4)}},
-        student_generators=[torch.Generator().manual_seed(rank).get_state() for rank in range(world_size)],
         skipped_total=3,
         mlflow_run_id="abc",
         kmeans_prototypes=torch.randn(K, C, generator=generator),
@@ -69,7 +68,8 @@ def test_round_trip_through_a_checkpoint(tmp_path):
     state = make_state(gradient_state={"engine": {"head": {"weight": torch.ones(K, C)}}, "sharded_subdir": ""})
     folder = save(state, tmp_path)
     raw = torch.load(folder / "checkpoint.pt", weights_only=True)  # any reader can load it
-    assert raw["schema_version"] == SCHEMA_VERSION == 2
+    assert raw["schema_version"] == SCHEMA_VERSION == 3
+    assert "student_generators" not in raw  # the views are seeded per sample: no per-rank state
     assert raw["backbone"] == {"name": "efficientnet_lite0", "layers": [], "channels": C}
     assert raw["step"] == 12 and raw["world_size"] == 2 and raw["mlflow_run_id"] == "abc"
     loaded = load_train_state(tmp_path)
@@ -78,11 +78,24 @@ def test_round_trip_through_a_checkpoint(tmp_path):
     assert torch.equal(loaded.gradient_state["engine"]["head"]["weight"], torch.ones(K, C))
 
 
-def test_rank_parts_only_for_the_same_world_size():
+def test_schema_2_checkpoint_loads_and_its_student_generators_are_ignored(tmp_path):
+    """Version 2 (before the views were seeded per sample) is version 3 plus one state per rank of the
+    student-view generators: still read, that field ignored, on any world size."""
     state = make_state(world_size=2)
-    assert torch.equal(state.rank_part(state.student_generators, 1, 2), torch.Generator().manual_seed(1).get_state())
-    assert state.rank_part(state.student_generators, 0, 4) is None  # another world size: a fresh generator
-    assert state.data_position["step"] == 12  # the data position is global: it serves any world size
+    payload = state.to_payload()
+    payload.update(schema_version=2,
+                   student_generators=[torch.Generator().manual_seed(rank).get_state() for rank in range(2)])
+    folder = save(state, tmp_path, payload)
+    loaded = load_train_state(folder)
+    assert_same_state(state, loaded)
+    assert not hasattr(loaded, "student_generators") and "student_generators" not in loaded.to_payload()
+    assert loaded.to_payload()["schema_version"] == 3  # saved again, it is a version 3 checkpoint
+    assert 2 in READABLE_VERSIONS and SCHEMA_VERSION in READABLE_VERSIONS
+    payload.update(student_generators=[None])  # not checked: the field is not read at all
+    assert TrainState.from_payload(payload).step == 12
+    del payload["em_state"]
+    with pytest.raises(UserError, match=r"lacks 'em_state' \(schema_version 2\)"):
+        TrainState.from_payload(payload)
 
 
 def test_payload_without_schema_version_is_refused_in_one_line(tmp_path):
@@ -97,10 +110,15 @@ def test_payload_without_schema_version_is_refused_in_one_line(tmp_path):
 
 def test_payload_of_another_version_is_refused_in_one_line(tmp_path):
     payload = make_state().to_payload()
-    payload["schema_version"] = 3
+    payload["schema_version"] = 4
     folder = save(make_state(), tmp_path, payload)
-    with pytest.raises(UserError, match=r"has schema_version 3, but this primaps-dist reads schema_version 2 only"):
+    with pytest.raises(UserError, match=r"has schema_version 4, but this primaps-dist reads schema_version 2 or 3 "
+                                        r"only"):
         load_train_state(folder)
+    for version in (1, "3", 3.0):
+        payload["schema_version"] = version
+        with pytest.raises(UserError, match="but this primaps-dist reads"):
+            TrainState.from_payload(payload)
 
 
 @pytest.mark.parametrize(
@@ -108,7 +126,6 @@ def test_payload_of_another_version_is_refused_in_one_line(tmp_path):
     [
         (lambda p: p.pop("em_state"), "lacks 'em_state'"),
         (lambda p: p.update(step=12.0), "'step' is not an integer"),
-        (lambda p: p.update(student_generators=[None]), "'student_generators' is not a list with one entry per rank"),
         (lambda p: p.update(data_position=[None]), "'data_position' is not a dict or None"),
         (lambda p: p.update(backbone={"name": "x"}), "'backbone' is not a dict with name, layers and channels"),
         (lambda p: p.update(kmeans_prototypes=[1.0]), "'kmeans_prototypes' is not a tensor or None"),

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from primaps_dist.config import Config
 from primaps_dist.distributed import DistEnv
 from primaps_dist.em import CovarianceAccumulator, PrototypeState, kmeans_step, stats_step
-from primaps_dist.em.gradient import make_engine, photometric_view
+from primaps_dist.em.gradient import make_engine, photometric_draws, photometric_view
 from primaps_dist.labels import IGNORE_INDEX
 from primaps_dist.pseudo_labels import make_pseudo_labels
 from primaps_dist.train import Trainer
@@ -116,8 +116,10 @@ def by_hand(cfg: Config, backbone: TinyBackbone, batches: list[dict]) -> tuple[P
         labels = F.interpolate(pseudo.labels[:, None].float(), size=grid.shape[-2:], mode="nearest-exact")
         stats_step(state, grid, labels[:, 0].long(), cfg.em.momentum)
     else:
-        generator = torch.Generator().manual_seed(cfg.train.seed * 1000)  # rank 0's student-view stream
-        engine.step(backbone(photometric_view(images, generator)), pseudo.labels)
+        # The injected loader has no sample_index: the trainer numbers step 2's samples 2 B + [0, B) (W = 1).
+        size = images.shape[0]
+        draws = photometric_draws(torch.arange(2 * size, 3 * size), cfg.train.seed)
+        engine.step(backbone(photometric_view(images, draws)), pseudo.labels)
         state.set_prototypes(engine.teacher_prototypes())
     return state, baseline
 

@@ -8,7 +8,9 @@ Batches are dicts:
   for training batches unless ``with_labels=True``)
 - ``key``: list[str] sample keys; ``shard``: list[str] the shard each sample came from
 - ``skipped``: int, unusable items met for this batch (add them up for a running total)
-- training only: ``stream`` (the logical stream of each sample) and ``state``, the position after this batch;
+- training only: ``stream`` (the logical stream of each sample), ``sample_index`` (int64 ``[B]``, each sample's
+  place in the global training sequence, ``step * global_batch_size + place in the step's global batch``: the
+  same on any number of ranks and workers; seeds the photometric view) and ``state``, the position after this batch;
   fold it into a checkpointable dict with :func:`collect_state`, merge the ranks' dicts with
   :func:`merge_states` and pass the result back as ``resume_state`` (on any number of ranks).
 
@@ -132,6 +134,7 @@ class TrainLoader:
             "key": [keys[i] for i in order],
             "shard": [shards[i] for i in order],
             "stream": [owners[i] for i in order],
+            "sample_index": torch.cat([piece["sample_index"] for piece in pieces])[order],
             "skipped": sum(piece["skipped"] for piece in pieces),
             "state": {"step": steps.pop(), "positions": positions, **_stream_info(self._spec)},
         }

@@ -261,8 +261,14 @@ def train_pieces(spec: StreamSpec, worker: int) -> Iterator[dict]:
     """One piece per step from ``spec.start_step`` on: this worker's streams' next ``q`` usable samples each.
 
     Piece: ``image`` uint8 ``[b, 3, S, S]``, ``label`` uint8 ``[b, S, S]`` or None, ``key``, ``shard`` and
-    ``stream`` lists of length b (stream order), ``skipped`` (unusable items met), ``step``, ``positions``
-    ``{stream: [visit, emitted]}`` after the step, ``opened`` (shard visits started, for egress accounting).
+    ``stream`` lists of length b (stream order), ``sample_index`` int64 ``[b]``, ``skipped`` (unusable items
+    met), ``step``, ``positions`` ``{stream: [visit, emitted]}`` after the step, ``opened`` (shard visits
+    started, for egress accounting).
+
+    ``sample_index``: the sample's place in the global training sequence, ``t * G + s * q + j`` for the ``j``-th
+    usable sample stream ``s`` gives to step ``t`` (0-based) -- a function of the step and the stream only, so
+    the same on any number of ranks and workers, and new at every step (a sample read again at a later visit
+    gets another index). The trainer seeds the sample's photometric view with it.
     """
     layout = spec.layout
     mine = layout.worker_streams(spec.rank, worker, spec.num_workers)
@@ -275,6 +281,7 @@ def train_pieces(spec: StreamSpec, worker: int) -> Iterator[dict]:
     while True:
         samples: list[Decoded] = []
         owners: list[int] = []
+        places: list[int] = []
         skipped = 0
         for stream in mine:
             got = 0
@@ -288,12 +295,13 @@ def train_pieces(spec: StreamSpec, worker: int) -> Iterator[dict]:
                 tally.add_ok()
                 samples.append(event)
                 owners.append(stream)
+                places.append(step * layout.global_batch + stream * layout.per_stream + got)
                 got += 1
         image, label = _stack(samples, spec.crop)
         step += 1
         yield {
             "image": image, "label": label, "key": [s.key for s in samples], "shard": [s.shard for s in samples],
-            "stream": owners, "skipped": skipped, "step": step,
+            "stream": owners, "sample_index": torch.tensor(places, dtype=torch.int64), "skipped": skipped, "step": step,
             "positions": {str(stream): list(position) for stream, position in positions.items()},
             "opened": list(opened),
         }

@@ -7,7 +7,8 @@ works as before the split:
   cross entropy (:func:`focal_class_weighted_ce`, :func:`focal_class_weights`, :func:`global_focal_loss`).
 * :mod:`.momentum`: theta_M, the EMA of the head's directions that makes the pseudo labels
   (:class:`MomentumPrototypes`).
-* :mod:`.photometric`: the student's view (:func:`photometric_view`, :class:`PhotometricParams`).
+* :mod:`.photometric`: the student's view (:func:`photometric_view`, its per-sample random numbers
+  :func:`photometric_draws`, :class:`PhotometricParams`).
 * :mod:`.engines`: the head behind DDP or DeepSpeed, one small interface (:class:`HeadEngine`,
   :func:`make_head_engine`, :func:`load_deepspeed_config`).
 * :mod:`.checkpointing`: the engine's state to and from ``TrainState.gradient_state`` (and DeepSpeed's shard
@@ -32,12 +33,18 @@ from primaps_dist.em.gradient.head import (
     global_focal_loss,
 )
 from primaps_dist.em.gradient.momentum import MomentumPrototypes
-from primaps_dist.em.gradient.photometric import PhotometricParams, _gaussian_blur, photometric_view  # noqa: F401
+from primaps_dist.em.gradient.photometric import (  # noqa: F401
+    PhotometricParams,
+    _gaussian_blur,
+    photometric_draws,
+    photometric_view,
+)
 
 __all__ = [
     "PrototypeHead",
     "MomentumPrototypes",
     "PhotometricParams",
+    "photometric_draws",
     "photometric_view",
     "focal_class_weights",
     "focal_class_weighted_ce",

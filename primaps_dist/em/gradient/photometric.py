@@ -1,7 +1,10 @@
 """The student's view: the reference's photometric augmentation on 0..1 RGB, before any normalisation.
 
 :func:`photometric_view` blurs every image, then applies colour jitter or greyscale by chance
-(:class:`PhotometricParams`), drawing its random numbers from a CPU generator in a fixed order.
+(:class:`PhotometricParams`). Its random numbers are given per image, eight uniforms each
+(:func:`photometric_draws`), drawn from the sample's own place in the training data: a sample gets the same
+view whichever rank, loader worker or batch holds it, so W ranks give the views of one rank with the whole
+global batch (elastic determinism), and a resumed run the views of the uninterrupted one.
 """
 
 from __future__ import annotations
@@ -9,10 +12,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["PhotometricParams", "photometric_view"]
+__all__ = ["NUM_DRAWS", "PhotometricParams", "photometric_draws", "photometric_view"]
+
+NUM_DRAWS = 8  # uniforms per image: sigma, branch, jitter?, grey?, brightness, contrast, saturation, hue
+_TAG_VIEW = 0x5649_4557  # "VIEW": keeps these streams apart from the data order's (crops, visits)
 
 
 @dataclass(frozen=True)
@@ -28,6 +35,26 @@ class PhotometricParams:
     saturation: float = 0.1
     hue: float = 0.1  # shift ~ U(-x, x) of a full turn
     greyscale_p: float = 0.1  # inside the greyscale branch
+
+
+def photometric_draws(keys: torch.Tensor | list[int], seed: int) -> torch.Tensor:
+    """The random numbers of the views of the samples ``keys`` ``[B]`` (non-negative int64, one per sample, e.g.
+    the loader's ``sample_index``: the sample's place in the global training sequence): float64 ``[8, B]``
+    uniform in [0, 1).
+
+    Column ``b`` is a function of (``seed``, ``keys[b]``) only: numpy's ``default_rng([tag, seed, key])``
+    (a SeedSequence hash of the three numbers, then PCG64) gives its 8 uniforms, the same way the data order
+    seeds a sample's crop (:func:`primaps_dist.data.order.crop_rng`). So the same key gives the same view in
+    any batch, on any rank and device; another key (another sample, or the same image at a later visit) an
+    independent one. Costs ~20 us per sample on the CPU.
+    """
+    keys = torch.as_tensor(keys, dtype=torch.int64).flatten().tolist()
+    if any(key < 0 for key in keys):
+        raise ValueError(f"photometric keys must be non-negative, got {min(keys)}")
+    seed = int(seed) % (1 << 63)
+    columns = [np.random.default_rng([_TAG_VIEW, seed, key]).random(NUM_DRAWS) for key in keys]
+    draws = np.stack(columns, axis=1) if columns else np.zeros((NUM_DRAWS, 0))
+    return torch.from_numpy(draws)
 
 
 _LUMA = (0.299, 0.587, 0.114)
@@ -82,23 +109,27 @@ def _colour_jitter(images: torch.Tensor, brightness, contrast, saturation, hue) 
 
 
 def photometric_view(
-    images: torch.Tensor, generator: torch.Generator, params: PhotometricParams = PhotometricParams()
+    images: torch.Tensor, draws: torch.Tensor, params: PhotometricParams = PhotometricParams()
 ) -> torch.Tensor:
     """Photometrically augmented copy of ``images`` ``[B, 3, H, W]`` with values in 0..1 (un-normalised).
 
     Per image: Gaussian blur (sigma ~ U(0.1, 2), 21 taps, reflect padding); then with probability
     ``jitter_branch_p`` the jitter branch (colour jitter with probability ``jitter_p``), else the
-    greyscale branch (greyscale with probability ``greyscale_p``) -- the reference's recipe. Random
-    numbers come from ``generator`` (a CPU ``torch.Generator``) in a fixed order, so a seeded generator
-    gives the same views on any device. Hue is rotated in YIQ space (an approximation of an HSV hue
-    shift that keeps luma). Returns a new tensor of the input dtype, clamped to 0..1.
+    greyscale branch (greyscale with probability ``greyscale_p``) -- the reference's recipe. ``draws``: the
+    random numbers, float64 ``[8, B]`` uniform in [0, 1) on the CPU (:func:`photometric_draws`); column ``b``
+    alone decides image ``b``'s view (rows: sigma, branch, jitter?, greyscale?, brightness, contrast,
+    saturation, hue), so equal columns give the same view in any batch and on any device. Hue is rotated in
+    YIQ space (an approximation of an HSV hue shift that keeps luma). Returns a new tensor of the input
+    dtype, clamped to 0..1.
     """
     if images.dim() != 4 or images.shape[1] != 3:
         raise ValueError(f"images must be [B, 3, H, W], got shape {tuple(images.shape)}")
     if not images.dtype.is_floating_point:
         raise ValueError(f"images must be floating point in 0..1, got {images.dtype}")
     batch = images.shape[0]
-    uniform = torch.rand(8, batch, generator=generator, dtype=torch.float64)
+    if tuple(draws.shape) != (NUM_DRAWS, batch):
+        raise ValueError(f"draws must be [{NUM_DRAWS}, B={batch}], got shape {tuple(draws.shape)}")
+    uniform = draws.detach().to(device="cpu", dtype=torch.float64)
     low, high = params.blur_sigma
     sigma = low + (high - low) * uniform[0]
     jitter_branch = uniform[1] < params.jitter_branch_p
