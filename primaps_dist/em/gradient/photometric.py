@@ -54,7 +54,7 @@ def photometric_draws(keys: torch.Tensor | list[int], seed: int) -> torch.Tensor
     seed = int(seed) % (1 << 63)
     columns = [np.random.default_rng([_TAG_VIEW, seed, key]).random(NUM_DRAWS) for key in keys]
     draws = np.stack(columns, axis=1) if columns else np.zeros((NUM_DRAWS, 0))
-    return torch.from_numpy(draws)
+    return torch.tensor(draws, dtype=torch.float64)  # a copy of 8 x B numbers
 
 
 _LUMA = (0.299, 0.587, 0.114)
@@ -129,7 +129,7 @@ def photometric_view(
     batch = images.shape[0]
     if tuple(draws.shape) != (NUM_DRAWS, batch):
         raise ValueError(f"draws must be [{NUM_DRAWS}, B={batch}], got shape {tuple(draws.shape)}")
-    uniform = draws.detach().to(device="cpu", dtype=torch.float64)
+    uniform = draws.detach().cpu().to(torch.float64)  # host values: the branch choices below read them
     low, high = params.blur_sigma
     sigma = low + (high - low) * uniform[0]
     jitter_branch = uniform[1] < params.jitter_branch_p
