@@ -54,10 +54,12 @@ def timed(fn, repeats: int, device: torch.device = torch.device("cpu")) -> tuple
 def torch_build(logits: torch.Tensor, images: torch.Tensor, downsample: int = 1) -> None:
     """What :func:`primaps_dist.crf.dense_crf` builds before its iterations (default parameters)."""
     from primaps_dist.crf import grid_size, pairwise_operators
+    from primaps_dist.crf.defaults import REFERENCE
 
     grid = grid_size(*logits.shape[2:], downsample)
-    pairwise_operators(images, grid, gaussian_sxy=1.0, gaussian_weight=3.0, bilateral_sxy=67.0, bilateral_srgb=3.0,
-                       bilateral_weight=4.0)
+    pairwise_operators(images, grid, gaussian_sxy=REFERENCE.gaussian_sxy, gaussian_weight=REFERENCE.gaussian_weight,
+                       bilateral_sxy=REFERENCE.bilateral_sxy, bilateral_srgb=REFERENCE.bilateral_srgb,
+                       bilateral_weight=REFERENCE.bilateral_weight)
 
 
 def pydensecrf_batch(logits: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
