@@ -14,7 +14,7 @@ carried a field more (:data:`READABLE_VERSIONS`) are still read; the retired fie
 from __future__ import annotations
 
 import dataclasses
-import hashlib
+import filecmp
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,7 +123,8 @@ class TrainState:
         Compared: ``backbone.name``, ``backbone.layers``, random versus trained ``backbone.weights``, with
         or without a projection head (``backbone.head_weights``; two different head files are refused
         when both can still be read and their bytes differ), the number of prototypes K
-        (``data.num_classes``) and, when the built backbone's ``channels`` are given, the channel count C. The message names the key, e.g. "checkpoint X was trained with
+        (``data.num_classes``) and, when the built backbone's ``channels`` are given, the channel count C.
+        The message names the key, e.g. "checkpoint X was trained with
         backbone.name=dino_vits8 but the config says efficientnet_lite0".
         """
         where = f"checkpoint {self.source}" if self.source else "the checkpoint"
@@ -154,8 +155,7 @@ def _different_files(first: str, second: str) -> bool:
     """True when both files can be read and their bytes differ (a moved head file is accepted)."""
     if os.path.abspath(first) == os.path.abspath(second) or not (os.path.isfile(first) and os.path.isfile(second)):
         return False
-    with open(first, "rb") as old, open(second, "rb") as new:
-        return hashlib.sha256(old.read()).digest() != hashlib.sha256(new.read()).digest()
+    return not filecmp.cmp(first, second, shallow=False)
 
 
 def _check_types(values: dict[str, Any], where: str) -> None:

@@ -155,9 +155,9 @@ class WorkingSet:
         The newly covered rows are gathered into zero-padded [b, width, C] blocks, so a down-date is
         a batched rank-``width`` update (padding rows contribute nothing). When the padding would
         cost more on the CPU than one call per image (a few images cover many rows while the rest
-        cover few), each image is down-dated with its own count instead: on planted 384 x 40 x 40 maps that was 2x
-        faster than grouping images by count, whose gather and ``index_add_`` cost more than the
-        products. Accelerators always take the one padded call.
+        cover few), each image is down-dated with its own count instead: on planted 384 x 40 x 40
+        maps that was 2x faster than grouping images by count, whose gather and ``index_add_`` cost
+        more than the products. Accelerators always take the one padded call.
         """
         widest = int(counts.max())
         if widest > 0:

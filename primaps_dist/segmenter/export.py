@@ -100,10 +100,10 @@ def check_export_folder(folder: Path) -> dict[str, Any]:
     return config
 
 
-def _with_exported_head(backbone, state: dict[str, torch.Tensor], label: str, misfit):
+def _with_exported_head(backbone, state: dict[str, torch.Tensor], label: str):
     """``backbone`` followed by a :class:`~primaps_dist.backbones.head.ProjectionHead` sized like the exported
     one (``state``'s ``body.1.*`` tensors; weights loaded later with the rest), attached as
-    ``backbone.head_weights`` attaches it; ``misfit(key)`` (a UserError) when no head fits those tensors."""
+    ``backbone.head_weights`` attaches it. ValueError naming ``body.1.*`` when no head fits those tensors."""
     from primaps_dist.backbones.head import HEAD_STATE_PREFIX as prefix
     from primaps_dist.backbones.head import attach_projection_head, projection_head_shaped_like
 
@@ -111,7 +111,7 @@ def _with_exported_head(backbone, state: dict[str, torch.Tensor], label: str, mi
     try:
         head = projection_head_shaped_like(head_state)
     except ValueError as err:
-        raise misfit(f"{prefix}*: {err}") from None
+        raise ValueError(f"{prefix}*: {err}") from None
     return attach_projection_head(backbone, head, label)
 
 
@@ -144,7 +144,10 @@ def read_export(folder: Path, *, crf: bool | None = None) -> dict[str, Any]:
                          f"{list(cfg.backbone.layers)}{head} (first mismatch: {first})")
 
     if head_weights:
-        backbone = _with_exported_head(backbone, state, Path(head_weights).name, misfit)
+        try:
+            backbone = _with_exported_head(backbone, state, Path(head_weights).name)
+        except ValueError as err:
+            raise misfit(str(err)) from None
     expected = backbone.state_dict()
     bad = sorted(set(state) ^ set(expected)) or [k for k in expected if state[k].shape != expected[k].shape]
     if bad or "prototypes" not in tensors:
