@@ -23,6 +23,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
 	$(PY) -m pip install --quiet -e '.[dev,crf,deepspeed]'
+	$(PY) -m primaps_dist.primaps.native  # builds the CPU proposal kernel once (falls back with a warning without a C++ compiler)
 	touch $@
 
 demo-data: install

@@ -10,7 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["BLOCK", "gram", "start_basis", "top_direction"]
+__all__ = ["BLOCK", "gram", "solver_settings", "start_basis", "top_direction"]
 
 
 # Subspace size of the block eigen-solver: a pass [b, k, C] @ [b, C, C] costs little more for k = 16
@@ -27,6 +27,12 @@ _BASIS_SEED = 0x5EED
 # of degree _FILTER_DEGREE on [0, 1] (theta_k = smallest Ritz value, the top of the unwanted part).
 _FILTER_DEGREE = 3
 _NODES = tuple(0.5 + 0.5 * math.cos((2 * j - 1) * math.pi / (2 * _FILTER_DEGREE)) for j in range(1, _FILTER_DEGREE + 1))
+
+
+def solver_settings() -> tuple[int, float, float, list[float]]:
+    """(max iterations, residual tolerance, degenerate fraction, filter nodes): the solver's constants
+    for the C++ kernel (native/rounds.cpp), which runs the same solver one image at a time."""
+    return _MAX_SOLVER_ITERS, _RESIDUAL_TOL, _DEGENERATE_EIGENVALUE, list(_NODES)
 
 
 def gram(columns: torch.Tensor) -> torch.Tensor:
