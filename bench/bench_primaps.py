@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -90,6 +91,19 @@ def measure_peak(batch: int, channels: int, size: int, device: str, threads: int
     return int(out.stdout.strip().splitlines()[-1])
 
 
+def _batched(features: torch.Tensor) -> torch.Tensor:
+    """mask_logits on the batched torch loop (PRIMAPS_DIST_NATIVE=0 for the call)."""
+    previous = os.environ.get("PRIMAPS_DIST_NATIVE")
+    os.environ["PRIMAPS_DIST_NATIVE"] = "0"
+    try:
+        return mask_logits(features)
+    finally:
+        if previous is None:
+            del os.environ["PRIMAPS_DIST_NATIVE"]
+        else:
+            os.environ["PRIMAPS_DIST_NATIVE"] = previous
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=32)
@@ -110,12 +124,17 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     features = make_features(args, args.batch, args.channels).to(args.device)
-    print(f"features {tuple(features.shape)} ({args.features}), device {args.device}, threads {args.threads}")
+    from primaps_dist.primaps.native import native_kernel
+
+    native = native_kernel(features.device) is not None
+    print(f"features {tuple(features.shape)} ({args.features}), device {args.device}, threads {args.threads}, "
+          f"proposal path: {'C++ kernel (primaps/native)' if native else 'batched torch loop'}")
     mask_logits(features[:2])  # warm-up
 
     # CPU time of this process is the primary measure (other processes on a shared machine inflate
     # wall time); wall time is printed too.
     ours_cpu, ours_wall, reference_cpu, reference_wall, reference_maps, reference_counts = [], [], 0.0, 0.0, [], []
+    batched_cpu, batched_same = [], True
     chunks = np.array_split(np.arange(min(args.ref_images, args.batch)), args.repeats)
     logits = None
     for chunk in chunks:
@@ -125,6 +144,11 @@ def main(argv: list[str] | None = None) -> int:
             torch.cuda.synchronize()
         ours_cpu.append(time.process_time() - cpu)
         ours_wall.append(time.perf_counter() - wall)
+        if native:  # the batched loop too (the path accelerators take), side by side
+            cpu = time.process_time()
+            batched_logits = _batched(features)
+            batched_cpu.append(time.process_time() - cpu)
+            batched_same &= torch.equal(batched_logits.argmax(1), logits.argmax(1))
         wall, cpu = time.perf_counter(), time.process_time()
         maps, counts = reference_label_maps(features[chunk].cpu())
         reference_cpu += time.process_time() - cpu
@@ -151,6 +175,11 @@ def main(argv: list[str] | None = None) -> int:
               f"{np.round(ours, 3).tolist()}) = {1000 * ours_per_image:.1f} ms/image; reference "
               f"{1000 * reference_per_image:.1f} ms/image -> throughput ratio {ratios[name]:.1f}x")
     print(f"throughput ratio (reference / ours, per image, CPU time): {ratios['cpu']:.1f}x")
+    if native:
+        ratios["cpu_batched"] = reference_cpu / checked / (float(np.median(batched_cpu)) / args.batch)
+        print(f"[cpu ] batched torch loop {np.median(batched_cpu):.3f} s per batch -> throughput ratio "
+              f"{ratios['cpu_batched']:.1f}x; C++ kernel / batched: {np.median(batched_cpu) / np.median(ours_cpu):.2f}x "
+              f"faster; same label maps: {batched_same}")
 
     if not args.skip_memory:
         channels, size = args.memory_channels, args.size
@@ -162,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"ratio_cpu": ratios["cpu"], "ratio_wall": ratios["wall"], "ari_mean": float(agreement.ari.mean()),
                "ari_min": float(agreement.ari.min()), "ari_mean_reproducible": float(agreement.ari[agreement.stable].mean()),
                "counts_equal": float(agreement.counts_equal.mean()),
-               "proposals_mean": float(counts.mean())}
+               "proposals_mean": float(counts.mean()), "native": native,
+               "ratio_cpu_batched": ratios.get("cpu_batched")}
     print(json.dumps(summary))
     return 0
 

@@ -33,7 +33,8 @@ Per image and round (all images of the batch at once):
 
 Modules: ``eigen`` (the solver of step 1), ``orientation`` (step 2's sign), ``rounds`` (the loop,
 steps 2-6), ``postprocess`` (median filter, background channel, log-probabilities), ``rows`` (row
-bookkeeping).
+bookkeeping), ``native`` (on the CPU, the same rounds in C++, one image at a time: same maps, faster;
+``PRIMAPS_DIST_NATIVE`` selects it).
 
 Images that are done keep their state while the others continue; finished images leave the working
 batch and covered positions leave the stored features (both geometrically), so they stop costing

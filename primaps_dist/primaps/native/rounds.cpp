@@ -12,6 +12,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -321,8 +322,12 @@ std::vector<at::Tensor> proposal_rounds(at::Tensor points, at::Tensor mean, at::
   const RoundSettings settings{static_cast<float>(threshold), static_cast<float>(coverage), max_masks};
   const float* variance = total_variance.data_ptr<float>();
   int64_t* count_out = counts.data_ptr<int64_t>();
-  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t b = begin; b < end; ++b) {
+  // Images take very different numbers of rounds, so each thread picks the next image when it has
+  // finished one.
+  std::atomic<int64_t> next_image{0};
+  const int64_t workers = std::min<int64_t>(batch, at::get_num_threads());
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    for (int64_t b = next_image++; b < batch; b = next_image++) {
       Image image{points[b].narrow(0, 0, positions), mean[b], inverse_norm[b], gram[b], free_sum[b], variance[b], basis[b],
                   mask_id[b].data_ptr<int64_t>(), mask_value[b].data_ptr<float>()};
       ImageRounds(image, solver, settings).run();
