@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from primaps_dist.primaps.eigen import BLOCK, gram, solver_settings, start_basis, top_direction
+from primaps_dist.primaps.eigen import BLOCK, gram, solver_settings, start_basis, start_sketch, top_direction
 from primaps_dist.primaps.native import native_kernel
 from primaps_dist.primaps.orientation import reference_orientation
 from primaps_dist.primaps.rows import compact_order, rows_dot, take_rows
@@ -221,14 +221,16 @@ def proposal_maps(
     _validate(features, threshold, coverage, max_masks)
     batch, _, height, width = features.shape
     device = features.device
-    state = WorkingSet(features, BLOCK)
     kernel = native_kernel(device)
     if kernel is not None:  # the CPU: every image's rounds back to back in C++ (native/__init__.py)
+        channels, positions = features.shape[1], height * width
+        flat = features.detach().to(torch.float32).reshape(batch, channels, positions).contiguous()
         mask_id, mask_value, counts = kernel.proposal_rounds(
-            state.points, state.mean, state.inverse_norm, state.gram, state.free_sum, state.total_variance,
-            state.basis, height * width, *solver_settings(), float(threshold), float(coverage), int(max_masks),
+            flat, start_sketch(positions, min(BLOCK, channels)), *solver_settings(), float(threshold),
+            float(coverage), int(max_masks),
         )
         return mask_id.reshape(batch, height, width), mask_value.reshape(batch, height, width), counts
+    state = WorkingSet(features, BLOCK)
     mask_id = torch.zeros(batch, height * width, dtype=torch.int64, device=device)
     mask_value = torch.zeros(batch, height * width, dtype=torch.float32, device=device)
     counts = torch.zeros(batch, dtype=torch.int64, device=device)

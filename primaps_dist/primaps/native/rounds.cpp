@@ -4,8 +4,14 @@
 // image per call instead of a batch per round: the batched path pays Python and dispatch overhead per
 // round and streams every image's Gram matrix through the cache once per product, while here all
 // rounds of an image run back to back on data that stays in cache. Images run in parallel over the
-// intra-op thread pool. Large products and all LAPACK calls go through ATen (MKL), the same routines
-// the batched path uses; element-wise work is plain loops.
+// intra-op thread pool.
+//
+// A round is a few dozen small products and four small LAPACK calls, so tensor-library overhead per
+// call (allocation, checks, layout copies) would cost as much as the arithmetic. Products and LAPACK
+// therefore go straight to the BLAS/LAPACK library torch itself links (MKL in the x86-64 wheels),
+// with the same routines, arguments and workspace queries that ATen uses for at::mm, at::mv,
+// torch.linalg.eigh, torch.linalg.qr and torch.linalg.svd; buffers are allocated once per image.
+// Matrices are row-major here; a row-major [r, c] block is a column-major [c, r] one to Fortran.
 
 #include <torch/extension.h>
 
@@ -14,13 +20,154 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <limits>
+#include <cstring>
 #include <vector>
+
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc);
+void sgemv_(const char* trans, const int* m, const int* n, const float* alpha, const float* a, const int* lda,
+            const float* x, const int* incx, const float* beta, float* y, const int* incy);
+void ssyevd_(const char* jobz, const char* uplo, const int* n, float* a, const int* lda, float* w, float* work,
+             const int* lwork, int* iwork, const int* liwork, int* info);
+void sgeqrf_(const int* m, const int* n, float* a, const int* lda, float* tau, float* work, const int* lwork,
+             int* info);
+void sorgqr_(const int* m, const int* n, const int* k, float* a, const int* lda, const float* tau, float* work,
+             const int* lwork, int* info);
+void dgeqrf_(const int* m, const int* n, double* a, const int* lda, double* tau, double* work, const int* lwork,
+             int* info);
+void dorgqr_(const int* m, const int* n, const int* k, double* a, const int* lda, const double* tau, double* work,
+             const int* lwork, int* info);
+void dgesdd_(const char* jobz, const int* m, const int* n, double* a, const int* lda, double* s, double* u,
+             const int* ldu, double* vt, const int* ldvt, double* work, const int* lwork, int* iwork, int* info);
+}
 
 namespace {
 
+// ---- row-major BLAS ----------------------------------------------------------------------------
+
+// c[m, n] = alpha * op(a) @ op(b) + beta * c, row-major; op(a) is [m, k] (a stored [k, m] when
+// transpose_a), op(b) is [k, n] (b stored [n, k] when transpose_b).
+void gemm(bool transpose_a, bool transpose_b, int m, int n, int k, float alpha, const float* a, int lda,
+          const float* b, int ldb, float beta, float* c, int ldc) {
+  if (m == 0 || n == 0) return;
+  // Column-major: c^T = op(b)^T op(a)^T.
+  sgemm_(transpose_b ? "T" : "N", transpose_a ? "T" : "N", &n, &m, &k, &alpha, b, &ldb, a, &lda, &beta, c, &ldc);
+}
+
+// y[m] = a[m, n] @ x, row-major a with leading dimension lda.
+void gemv(int m, int n, const float* a, int lda, const float* x, float* y) {
+  if (m == 0) return;
+  const float one = 1.0f, zero = 0.0f;
+  const int step = 1;
+  sgemv_("T", &n, &m, &one, a, &lda, x, &step, &zero, y, &step);
+}
+
+// x . y with eight running sums (independent chains, which the compiler vectorises).
+float dot(const float* x, const float* y, int n) {
+  float partial[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int lane = 0; lane < 8; ++lane) partial[lane] += x[i + lane] * y[i + lane];
+  float total = ((partial[0] + partial[4]) + (partial[1] + partial[5])) + ((partial[2] + partial[6]) + (partial[3] + partial[7]));
+  for (; i < n; ++i) total += x[i] * y[i];
+  return total;
+}
+
+// ---- LAPACK with workspace queries, as ATen calls it -------------------------------------------
+
+// Eigen-decomposition of a symmetric [n, n] matrix in place: ascending values; afterwards row j of
+// `matrix` (row-major) is the eigenvector of values[j] (LAPACK's column j).
+class SymmetricEigen {
+ public:
+  explicit SymmetricEigen(int n) : n_(n), values_(n) {
+    int lwork = -1, liwork = -1, info = 0, iwork_query = 0;
+    float work_query = 0.0f;
+    std::vector<float> scratch(static_cast<size_t>(n) * n, 0.0f);
+    ssyevd_("V", "L", &n_, scratch.data(), &n_, values_.data(), &work_query, &lwork, &iwork_query, &liwork, &info);
+    work_.resize(std::max(1, static_cast<int>(work_query)));
+    iwork_.resize(std::max(1, iwork_query));
+  }
+  const float* operator()(float* matrix) {
+    int info = 0;
+    const int lwork = static_cast<int>(work_.size()), liwork = static_cast<int>(iwork_.size());
+    ssyevd_("V", "L", &n_, matrix, &n_, values_.data(), work_.data(), &lwork, iwork_.data(), &liwork, &info);
+    TORCH_CHECK(info == 0, "ssyevd failed with info ", info);
+    return values_.data();
+  }
+
+ private:
+  int n_;
+  std::vector<float> values_, work_;
+  std::vector<int> iwork_;
+};
+
+// Reduced QR of the column-major [m, n] matrix `a` (the row-major [n, m] block of n rows): `a` is
+// replaced by Q (orthonormal rows, row-major), as torch.linalg.qr(a^T).Q^T.
+class ThinQ {
+ public:
+  ThinQ(int m, int n) : m_(m), n_(n), tau_(std::max(1, n)) {
+    int lwork = -1, info = 0;
+    float query = 0.0f;
+    std::vector<float> scratch(static_cast<size_t>(m) * n, 0.0f);
+    sgeqrf_(&m_, &n_, scratch.data(), &m_, tau_.data(), &query, &lwork, &info);
+    factor_work_ = std::max(1, static_cast<int>(query));
+    sorgqr_(&m_, &n_, &n_, scratch.data(), &m_, tau_.data(), &query, &lwork, &info);
+    form_work_ = std::max(1, static_cast<int>(query));
+    work_.resize(std::max(factor_work_, form_work_));
+  }
+  void operator()(float* a) {
+    int info = 0;
+    sgeqrf_(&m_, &n_, a, &m_, tau_.data(), work_.data(), &factor_work_, &info);
+    TORCH_CHECK(info == 0, "sgeqrf failed with info ", info);
+    sorgqr_(&m_, &n_, &n_, a, &m_, tau_.data(), work_.data(), &form_work_, &info);
+    TORCH_CHECK(info == 0, "sorgqr failed with info ", info);
+  }
+
+ private:
+  int m_, n_, factor_work_ = 1, form_work_ = 1;
+  std::vector<float> tau_, work_;
+};
+
+// Householder QR of a column-major [m, n] float64 matrix (m >= n) in place; tau [n]; R is the upper
+// triangle of `a` afterwards. With `form_q`, `a` then holds Q [m, n].
+void householder_qr(int m, int n, double* a, double* tau, bool form_q, std::vector<double>& work) {
+  int lwork = -1, info = 0;
+  double query = 0.0;
+  dgeqrf_(&m, &n, a, &m, tau, &query, &lwork, &info);
+  lwork = std::max(1, static_cast<int>(query));
+  work.resize(std::max<size_t>(work.size(), lwork));
+  dgeqrf_(&m, &n, a, &m, tau, work.data(), &lwork, &info);
+  TORCH_CHECK(info == 0, "dgeqrf failed with info ", info);
+  if (!form_q) return;
+  lwork = -1;
+  dorgqr_(&m, &n, &n, a, &m, tau, &query, &lwork, &info);
+  lwork = std::max(1, static_cast<int>(query));
+  work.resize(std::max<size_t>(work.size(), lwork));
+  dorgqr_(&m, &n, &n, a, &m, tau, work.data(), &lwork, &info);
+  TORCH_CHECK(info == 0, "dorgqr failed with info ", info);
+}
+
+// Thin SVD (jobz 'S', as torch.linalg.svd(full_matrices=False)) of a column-major [m, n] float64
+// matrix, destroyed. u: column-major [m, min], vt: column-major [min, n].
+void thin_svd(int m, int n, double* a, double* s, double* u, double* vt, std::vector<double>& work,
+              std::vector<int>& iwork) {
+  const int smaller = std::min(m, n);
+  int lwork = -1, info = 0;
+  double query = 0.0;
+  iwork.resize(std::max<size_t>(iwork.size(), 8 * static_cast<size_t>(smaller)));
+  dgesdd_("S", &m, &n, a, &m, s, u, &m, vt, &smaller, &query, &lwork, iwork.data(), &info);
+  lwork = std::max(1, static_cast<int>(query));
+  work.resize(std::max<size_t>(work.size(), lwork));
+  dgesdd_("S", &m, &n, a, &m, s, u, &m, vt, &smaller, work.data(), &lwork, iwork.data(), &info);
+  TORCH_CHECK(info >= 0, "dgesdd: invalid argument ", -info);
+}
+
+// ---- the rounds of one image -------------------------------------------------------------------
+
 struct SolverSettings {
-  int64_t max_iterations;
+  int max_iterations;
   double residual_tolerance;
   double degenerate_fraction;
   std::vector<double> nodes;  // Chebyshev nodes of the filter polynomial, in application order
@@ -32,50 +179,33 @@ struct RoundSettings {
   int64_t max_masks;
 };
 
-// A v for rows v [k, C] given v G: v G - ((v s) / n) s^T, with s the free sum and n the free count.
-void apply_covariance(const at::Tensor& vectors, const at::Tensor& vectors_gram, const at::Tensor& free_sum,
-                      float inverse_count, at::Tensor& out) {
-  const int64_t k = vectors.size(0), channels = vectors.size(1);
-  const float* v = vectors.data_ptr<float>();
-  const float* vg = vectors_gram.data_ptr<float>();
-  const float* s = free_sum.data_ptr<float>();
-  float* o = out.data_ptr<float>();
-  for (int64_t row = 0; row < k; ++row) {
-    float dot = 0.0f;
-    for (int64_t c = 0; c < channels; ++c) dot += v[row * channels + c] * s[c];
-    const float scale = dot * inverse_count;
-    for (int64_t c = 0; c < channels; ++c) o[row * channels + c] = vg[row * channels + c] - scale * s[c];
-  }
-}
-
 struct Image {
-  // Inputs (views into the batch tensors).
-  at::Tensor points;        // [P, C] float32 centred features, row-major positions
-  at::Tensor mean;          // [C]
-  at::Tensor inverse_norm;  // [P]
-  at::Tensor gram;          // [C, C] running Gram matrix of the free rows (updated in place)
-  at::Tensor free_sum;      // [C] (updated in place)
-  float total_variance;
-  at::Tensor basis;         // [k, C] orthonormal rows (warm start)
-  // Outputs.
-  int64_t* mask_id;         // [P]
-  float* mask_value;        // [P]
-  int64_t count = 0;
+  const float* features;  // [C, P] one feature map, positions row-major
+  const float* sketch;    // [P, k] fixed random matrix of the start basis (eigen.start_sketch)
+  int64_t* mask_id;       // [P] output
+  float* mask_value;      // [P] output
+  int64_t count = 0;      // output
 };
 
 class ImageRounds {
  public:
-  ImageRounds(Image& image, const SolverSettings& solver, const RoundSettings& settings)
-      : im_(image), solver_(solver), settings_(settings) {
-    positions_ = im_.points.size(0);
-    channels_ = im_.points.size(1);
-    block_ = im_.basis.size(0);
-    stored_rows_ = im_.points;
-    stored_position_.resize(positions_);
-    for (int64_t p = 0; p < positions_; ++p) stored_position_[p] = p;
-    free_.assign(positions_, 1);
-    free_count_ = positions_;
-    basis_ = im_.basis.clone();
+  ImageRounds(Image& image, int positions, int channels, int block, const SolverSettings& solver,
+              const RoundSettings& settings)
+      : im_(image), solver_(solver), settings_(settings), positions_(positions), channels_(channels), block_(block),
+        rank_(std::min({3, block, channels})), eigen_(block), thin_q_(channels, block) {
+    const size_t vectors = static_cast<size_t>(block) * channels;
+    for (auto* buffer : {&rows_, &gram_rows_, &applied_, &filtered_, &filtered_gram_, &next_, &rotated_})
+      buffer->resize(vectors);
+    projected_.resize(static_cast<size_t>(block) * block);
+    set_up();
+    stored_position_.resize(positions);
+    for (int p = 0; p < positions; ++p) stored_position_[p] = p;
+    free_.assign(positions, 1);
+    free_count_ = positions;
+    dots_.resize(positions);
+    similarity_.resize(positions);
+    direction_.resize(channels);
+    unit_.resize(channels);
   }
 
   void run() {
@@ -90,187 +220,396 @@ class ImageRounds {
   Image& im_;
   const SolverSettings& solver_;
   const RoundSettings& settings_;
-  int64_t positions_, channels_, block_;
-  at::Tensor stored_rows_;                 // [Q, C] the rows that may still be free
-  std::vector<int64_t> stored_position_;   // [Q] their positions (increasing)
-  std::vector<char> free_;                 // [Q]
-  int64_t free_count_;
-  at::Tensor basis_, gram_basis_;          // [k, C]; gram_basis_ undefined when unknown
-  bool have_smallest_ = false;
+  const int positions_, channels_, block_, rank_;
+  SymmetricEigen eigen_;
+  ThinQ thin_q_;
+  // Per-image statistics (rounds.WorkingSet's, for one image).
+  std::vector<float> mean_, inverse_norm_, gram_, free_sum_;  // [C], [P] by position, [C, C], [C]
+  float total_variance_ = 0.0f;
+  // Stored rows: the rows that may still be free (the input, then a compacted private copy).
+  const float* stored_;
+  std::vector<float> stored_copy_;
+  std::vector<int> stored_position_;  // [Q] positions of the stored rows (increasing)
+  std::vector<char> free_;            // [Q]
+  int free_count_;
+  // Solver state: Ritz basis rows [k, C], its G product (valid when have_gram_rows_).
+  std::vector<float> rows_, gram_rows_, applied_, filtered_, filtered_gram_, next_, rotated_, projected_;
+  bool have_gram_rows_ = false, have_smallest_ = false;
   float smallest_ = 0.0f;
+  // Per-round buffers.
+  std::vector<float> dots_, similarity_, direction_, unit_, covered_, covered_basis_, products_;
+  std::vector<double> sign_work_, small_, compact_, tau_, singular_, left_, right_;
+  std::vector<int> sign_iwork_;
 
-  void drop_covered_rows() {
-    const int64_t stored = static_cast<int64_t>(stored_position_.size());
-    if (free_count_ == 0 || free_count_ > stored / 2) return;
-    std::vector<int64_t> keep;
-    keep.reserve(free_count_);
-    for (int64_t q = 0; q < stored; ++q)
-      if (free_[q]) keep.push_back(q);
-    at::Tensor index = torch::from_blob(keep.data(), {static_cast<int64_t>(keep.size())}, torch::kInt64);
-    stored_rows_ = stored_rows_.index_select(0, index);
-    std::vector<int64_t> positions(keep.size());
-    for (size_t i = 0; i < keep.size(); ++i) positions[i] = stored_position_[keep[i]];
-    stored_position_.swap(positions);
-    free_.assign(keep.size(), 1);
+  int stored_count() const { return static_cast<int>(stored_position_.size()); }
+
+  // Centred rows X = f^T - mean [P, C], inverse norms of the uncentred features, the Gram matrix X^T X,
+  // the free sum and the start basis orth(X^T sketch) (eigen.start_basis).
+  void set_up() {
+    const int channels = channels_, positions = positions_;
+    const float* f = im_.features;
+    mean_.resize(channels);
+    std::vector<double> square_norm(positions, 0.0);
+    for (int c = 0; c < channels; ++c) {
+      const float* row = f + static_cast<size_t>(c) * positions;
+      double partial[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // independent sums, vectorised
+      int p = 0;
+      for (; p + 8 <= positions; p += 8)
+        for (int lane = 0; lane < 8; ++lane) partial[lane] += row[p + lane];
+      double total = 0.0;
+      for (; p < positions; ++p) total += row[p];
+      for (double value : partial) total += value;
+      for (p = 0; p < positions; ++p) square_norm[p] += static_cast<double>(row[p]) * row[p];
+      mean_[c] = static_cast<float>(total / positions);
+    }
+    inverse_norm_.resize(positions);
+    for (int p = 0; p < positions; ++p) {
+      const double norm = std::sqrt(square_norm[p]);
+      TORCH_CHECK_VALUE(std::isfinite(norm), "features contain NaN or Inf values");
+      // As F.normalize: exactly 0 at zero vectors.
+      inverse_norm_[p] = norm > 0.0 ? static_cast<float>(1.0 / std::max(norm, 1e-12)) : 0.0f;
+    }
+    stored_copy_.resize(static_cast<size_t>(positions) * channels);
+    constexpr int tile = 32;  // transpose in tiles, so both sides stay in cache
+    for (int c0 = 0; c0 < channels; c0 += tile)
+      for (int p0 = 0; p0 < positions; p0 += tile)
+        for (int c = c0; c < std::min(c0 + tile, channels); ++c) {
+          const float* row = f + static_cast<size_t>(c) * positions;
+          for (int p = p0; p < std::min(p0 + tile, positions); ++p)
+            stored_copy_[static_cast<size_t>(p) * channels + c] = row[p] - mean_[c];
+        }
+    stored_ = stored_copy_.data();
+    free_sum_.assign(channels, 0.0f);
+    for (int p = 0; p < positions; ++p) {
+      const float* x = stored_ + static_cast<size_t>(p) * channels;
+      for (int c = 0; c < channels; ++c) free_sum_[c] += x[c];
+    }
+    // G = X^T X computing 3/4 of the blocks (symmetry), as eigen.gram.
+    gram_.resize(static_cast<size_t>(channels) * channels);
+    const int half = channels / 2;
+    if (half < 32) {
+      gemm(true, false, channels, channels, positions, 1.0f, stored_, channels, stored_, channels, 0.0f, gram_.data(),
+           channels);
+    } else {
+      gemm(true, false, half, channels, positions, 1.0f, stored_, channels, stored_, channels, 0.0f, gram_.data(),
+           channels);
+      gemm(true, false, channels - half, channels - half, positions, 1.0f, stored_ + half, channels, stored_ + half,
+           channels, 0.0f, gram_.data() + static_cast<size_t>(half) * channels + half, channels);
+      for (int i = half; i < channels; ++i)
+        for (int j = 0; j < half; ++j)
+          gram_[static_cast<size_t>(i) * channels + j] = gram_[static_cast<size_t>(j) * channels + i];
+    }
+    total_variance_ = 0.0f;
+    for (int c = 0; c < channels; ++c) total_variance_ += gram_[static_cast<size_t>(c) * channels + c];
+    // Start basis: rows of Q from the QR of X^T sketch [C, k] (column-major = row-major [k, C]).
+    gemm(true, false, block_, channels, positions, 1.0f, im_.sketch, block_, stored_, channels, 0.0f, rows_.data(),
+         channels);
+    thin_q_(rows_.data());
   }
 
-  // Top eigenvector of A = G - s s^T / n (eigen.top_direction for one image). Updates basis_,
-  // gram_basis_ (Ritz basis and its G product) and smallest_; returns the unit direction [C].
-  at::Tensor top_direction() {
-    const float inverse_count = 1.0f / std::max<float>(static_cast<float>(free_count_), 1.0f);
-    const float floor_value = static_cast<float>(solver_.degenerate_fraction) * im_.total_variance;
-    const at::Tensor& gram = im_.gram;
-    at::Tensor rows = basis_;
-    at::Tensor gram_rows = gram_basis_.defined() ? gram_basis_ : at::mm(rows, gram);
-    at::Tensor applied = at::empty_like(rows);
-    apply_covariance(rows, gram_rows, im_.free_sum, inverse_count, applied);
+  void drop_covered_rows() {
+    const int stored = stored_count();
+    if (free_count_ == 0 || free_count_ > stored / 2) return;
+    std::vector<float> compact(static_cast<size_t>(free_count_) * channels_);
+    std::vector<int> positions;
+    positions.reserve(free_count_);
+    for (int q = 0; q < stored; ++q) {
+      if (!free_[q]) continue;
+      std::memcpy(compact.data() + positions.size() * channels_, stored_ + static_cast<size_t>(q) * channels_,
+                  sizeof(float) * channels_);
+      positions.push_back(stored_position_[q]);
+    }
+    stored_copy_.swap(compact);
+    stored_ = stored_copy_.data();
+    stored_position_.swap(positions);
+    free_.assign(stored_position_.size(), 1);
+  }
+
+  // A v for rows v [k, C] given v G: v G - ((v s) / n) s^T, with s the free sum and n the free count.
+  void apply_covariance(const float* vectors, const float* vectors_gram, float inverse_count, float* out) const {
+    for (int row = 0; row < block_; ++row) {
+      const float* v = vectors + static_cast<size_t>(row) * channels_;
+      const float* vg = vectors_gram + static_cast<size_t>(row) * channels_;
+      float* o = out + static_cast<size_t>(row) * channels_;
+      const float scale = dot(v, free_sum_.data(), channels_) * inverse_count;
+      for (int c = 0; c < channels_; ++c) o[c] = vg[c] - scale * free_sum_[c];
+    }
+  }
+
+  // rows_ (and gram_rows_, applied_) <- rotation @ them, rotation rows = eigenvectors, largest first.
+  void rotate(const float* eigenvectors) {
+    // Reorder LAPACK's ascending eigenvectors (rows of `eigenvectors`) into the rotation, largest first.
+    std::vector<float>& rotation = filtered_gram_;  // free here; [k, k] fits in [k, C] (k <= C)
+    for (int i = 0; i < block_; ++i)
+      std::memcpy(rotation.data() + static_cast<size_t>(i) * block_,
+                  eigenvectors + static_cast<size_t>(block_ - 1 - i) * block_, sizeof(float) * block_);
+    for (std::vector<float>* target : {&rows_, &gram_rows_, &applied_}) {
+      gemm(false, false, block_, channels_, block_, 1.0f, rotation.data(), block_, target->data(), channels_, 0.0f,
+           rotated_.data(), channels_);
+      target->swap(rotated_);
+    }
+  }
+
+  // Top eigenvector of A = G - s s^T / n (eigen.top_direction for one image) into direction_; updates
+  // the Ritz basis rows_, gram_rows_ and smallest_.
+  void top_direction() {
+    const float inverse_count = 1.0f / std::max(static_cast<float>(free_count_), 1.0f);
+    const float floor_value = static_cast<float>(solver_.degenerate_fraction) * total_variance_;
+    const int vectors = block_ * channels_;
+    if (!have_gram_rows_)
+      gemm(false, false, block_, channels_, channels_, 1.0f, rows_.data(), channels_, gram_.data(), channels_, 0.0f,
+           gram_rows_.data(), channels_);
+    apply_covariance(rows_.data(), gram_rows_.data(), inverse_count, applied_.data());
     const bool filter_first = have_smallest_;
-    at::Tensor filtered = at::empty_like(rows), filtered_gram = at::empty_like(rows);
-    at::Tensor next = at::empty_like(rows);
-    for (int64_t iteration = 0; iteration < solver_.max_iterations; ++iteration) {
+    for (int iteration = 0; iteration < solver_.max_iterations; ++iteration) {
       if (filter_first || iteration > 0) {
-        const int64_t n = rows.numel();
-        {
-          const float shift = static_cast<float>(solver_.nodes[0] * smallest_);
-          const float* a = applied.data_ptr<float>();
-          const float* r = rows.data_ptr<float>();
-          float* f = filtered.data_ptr<float>();
-          for (int64_t i = 0; i < n; ++i) f[i] = a[i] - shift * r[i];
-        }
+        const float first_shift = static_cast<float>(solver_.nodes[0] * smallest_);
+        for (int i = 0; i < vectors; ++i) filtered_[i] = applied_[i] - first_shift * rows_[i];
         for (size_t j = 1; j < solver_.nodes.size(); ++j) {
-          at::mm_out(filtered_gram, filtered, gram);
-          apply_covariance(filtered, filtered_gram, im_.free_sum, inverse_count, next);
+          gemm(false, false, block_, channels_, channels_, 1.0f, filtered_.data(), channels_, gram_.data(), channels_,
+               0.0f, filtered_gram_.data(), channels_);
+          apply_covariance(filtered_.data(), filtered_gram_.data(), inverse_count, next_.data());
           const float shift = static_cast<float>(solver_.nodes[j] * smallest_);
-          const float* f = filtered.data_ptr<float>();
-          float* x = next.data_ptr<float>();
-          for (int64_t i = 0; i < n; ++i) x[i] -= shift * f[i];
-          std::swap(filtered, next);
+          for (int i = 0; i < vectors; ++i) next_[i] -= shift * filtered_[i];
+          filtered_.swap(next_);
         }
-        rows = std::get<0>(at::linalg_qr(filtered.t())).t().contiguous();
-        gram_rows = at::mm(rows, gram);
-        applied = at::empty_like(rows);
-        apply_covariance(rows, gram_rows, im_.free_sum, inverse_count, applied);
+        thin_q_(filtered_.data());  // orthonormal rows spanning the filtered block
+        rows_.swap(filtered_);
+        gemm(false, false, block_, channels_, channels_, 1.0f, rows_.data(), channels_, gram_.data(), channels_, 0.0f,
+             gram_rows_.data(), channels_);
+        apply_covariance(rows_.data(), gram_rows_.data(), inverse_count, applied_.data());
       }
-      at::Tensor projected = at::mm(rows, applied.t());
-      projected = 0.5 * (projected + projected.t());
-      auto [values, vectors] = at::linalg_eigh(projected);
-      at::Tensor rotation = vectors.flip({-1}).t().contiguous();  // rows: Ritz coefficients, largest first
-      rows = at::mm(rotation, rows);
-      gram_rows = at::mm(rotation, gram_rows);
-      applied = at::mm(rotation, applied);
-      const float* vals = values.data_ptr<float>();
-      smallest_ = vals[0];
+      // Rayleigh-Ritz: V (A V)^T, symmetrised.
+      gemm(false, true, block_, block_, channels_, 1.0f, rows_.data(), channels_, applied_.data(), channels_, 0.0f,
+           projected_.data(), block_);
+      for (int i = 0; i < block_; ++i)
+        for (int j = 0; j < i; ++j) {
+          const float upper = projected_[i * block_ + j], lower = projected_[j * block_ + i];
+          projected_[i * block_ + j] = 0.5f * (upper + lower);
+          projected_[j * block_ + i] = 0.5f * (lower + upper);
+        }
+      const float* values = eigen_(projected_.data());
+      rotate(projected_.data());
+      smallest_ = values[0];
       have_smallest_ = true;
-      const float top = vals[block_ - 1];
-      const float* a = applied.data_ptr<float>();
-      const float* r = rows.data_ptr<float>();
+      const float top = values[block_ - 1];
       float residual = 0.0f;
-      for (int64_t c = 0; c < channels_; ++c) {
-        const float d = a[c] - top * r[c];
-        residual += d * d;
+      for (int c = 0; c < channels_; ++c) {
+        const float difference = applied_[c] - top * rows_[c];
+        residual += difference * difference;
       }
       residual = std::sqrt(residual);
-      const bool converged =
-          residual <= static_cast<float>(solver_.residual_tolerance) * top || top <= floor_value;
-      if (converged) break;
+      if (residual <= static_cast<float>(solver_.residual_tolerance) * top || top <= floor_value) break;
     }
-    basis_ = rows;
-    gram_basis_ = gram_rows;
-    at::Tensor direction = rows[0].clone();
-    const float norm = std::max(direction.norm().item<float>(), 1e-12f);
-    direction.div_(norm);
-    return direction;
+    have_gram_rows_ = true;
+    const float norm = std::max(std::sqrt(dot(rows_.data(), rows_.data(), channels_)), 1e-12f);
+    for (int c = 0; c < channels_; ++c) direction_[c] = rows_[c] / norm;
+  }
+
+  // A E at every free row, in row-major order: column-major [n_free, q] float64 (one product over the
+  // stored rows).
+  void free_projections(const float* offsets, std::vector<double>& out) {
+    const int stored = stored_count(), q = rank_;
+    products_.resize(static_cast<size_t>(stored) * q);
+    gemm(false, true, stored, q, channels_, 1.0f, stored_, channels_, rows_.data(), channels_, 0.0f, products_.data(), q);
+    out.assign(static_cast<size_t>(free_count_) * q, 0.0);
+    int found = 0;
+    for (int row = 0; row < stored; ++row) {
+      if (!free_[row]) continue;
+      for (int j = 0; j < q; ++j)
+        out[found + static_cast<size_t>(j) * free_count_] = static_cast<double>(products_[row * q + j] - offsets[j]);
+      ++found;
+    }
+  }
+
+  // A E at stored row q: (x_q - free mean) . e_j for j < rank, in float64.
+  void projection(int q, const float* offsets, double* out, int stride) const {
+    const float* x = stored_ + static_cast<size_t>(q) * channels_;
+    for (int j = 0; j < rank_; ++j)
+      out[j * stride] = static_cast<double>(dot(x, rows_.data() + static_cast<size_t>(j) * channels_, channels_) -
+                                            offsets[j]);
+  }
+
+  // R [q, q] (row-major, upper) of the Householder QR of A E [n_free, q] in the tall case. Householder
+  // QR's R depends only on the first q rows X and on the Gram matrix of the rest, T = (A E)^T (A E) -
+  // X^T X (each reflector is set by its column's leading entry and norm, its effect on the leading
+  // rows by inner products), so it is the R of the [2q, q] matrix [X; chol(T)^T]. Falls back to all
+  // free rows when T is not safely positive definite (a reflector could then meet an exactly zero
+  // column, where LAPACK keeps a sign that a tiny nonzero tail would flip).
+  void tall_triangle(const float* offsets, const double* gram_ae, double* triangle) {
+    const int q = rank_;
+    std::vector<double>& a = compact_;  // column-major [m, q]
+    int m = 2 * q;
+    bool compressed = free_count_ >= 2 * q;
+    if (compressed) {
+      a.assign(static_cast<size_t>(m) * q, 0.0);
+      int found = 0;
+      for (int row = 0; row < stored_count() && found < q; ++row)
+        if (free_[row]) projection(row, offsets, a.data() + found++, m);
+      double tail[9], factor[9] = {0, 0, 0, 0, 0, 0, 0, 0, 0}, trace = 0.0;
+      for (int i = 0; i < q; ++i) {
+        trace += gram_ae[i * q + i];
+        for (int j = 0; j < q; ++j) {
+          double head = 0.0;
+          for (int r = 0; r < q; ++r) head += a[r + i * m] * a[r + j * m];
+          tail[i * q + j] = 0.5 * (gram_ae[i * q + j] + gram_ae[j * q + i]) - head;
+        }
+      }
+      for (int j = 0; j < q && compressed; ++j) {  // Cholesky T = L L^T
+        double pivot = tail[j * q + j];
+        for (int r = 0; r < j; ++r) pivot -= factor[j * q + r] * factor[j * q + r];
+        if (!(pivot > 1e-10 * trace)) {
+          compressed = false;
+          break;
+        }
+        factor[j * q + j] = std::sqrt(pivot);
+        for (int i = j + 1; i < q; ++i) {
+          double value = tail[i * q + j];
+          for (int r = 0; r < j; ++r) value -= factor[i * q + r] * factor[j * q + r];
+          factor[i * q + j] = value / factor[j * q + j];
+        }
+      }
+      if (compressed)  // rows q..2q-1: L^T
+        for (int i = 0; i < q; ++i)
+          for (int j = 0; j < q; ++j) a[(q + i) + j * m] = factor[j * q + i];
+    }
+    if (!compressed) {
+      m = free_count_;
+      free_projections(offsets, a);
+    }
+    tau_.resize(q);
+    householder_qr(m, q, a.data(), tau_.data(), /*form_q=*/false, sign_work_);
+    for (int i = 0; i < q; ++i)
+      for (int j = 0; j < q; ++j) triangle[i * q + j] = j >= i ? a[i + j * m] : 0.0;
   }
 
   // +1 / -1: the orientation torch.pca_lowrank(q=3) gives the direction (orientation.py, one image).
-  // Also returns the stored rows' products with the direction ([Q]) through direction_dots.
-  float reference_sign(const at::Tensor& direction, at::Tensor& direction_dots) {
-    const int64_t rank = std::min<int64_t>({3, block_, channels_});
-    at::Tensor top3 = basis_.narrow(0, 0, rank);
-    at::Tensor vectors = at::cat({direction.unsqueeze(0), top3}, 0);  // [1 + q, C]
-    at::Tensor products = at::mm(stored_rows_, vectors.t());          // [Q, 1 + q]
-    direction_dots = products.select(1, 0).contiguous();
+  float reference_sign() {
     if (free_count_ < 1) return 1.0f;
-    at::Tensor free_mean = im_.free_sum / static_cast<float>(std::max<int64_t>(free_count_, 1));
-    at::Tensor offsets = at::mv(top3, free_mean);  // [q]
-    // A E: free rows, row-major order, centred on the free mean, in float64.
-    at::Tensor compact = at::empty({free_count_, rank}, torch::kFloat64);
-    {
-      const int64_t stored = static_cast<int64_t>(free_.size());
-      const float* p = products.data_ptr<float>();
-      const float* off = offsets.data_ptr<float>();
-      double* out = compact.data_ptr<double>();
-      int64_t i = 0;
-      for (int64_t q = 0; q < stored; ++q) {
-        if (!free_[q]) continue;
-        for (int64_t j = 0; j < rank; ++j) out[i * rank + j] = static_cast<double>(p[q * (1 + rank) + 1 + j] - off[j]);
-        ++i;
+    const int q = rank_, channels = channels_;
+    const float inverse_free = 1.0f / static_cast<float>(std::max(free_count_, 1));
+    std::vector<float> free_mean(channels);
+    for (int c = 0; c < channels; ++c) free_mean[c] = free_sum_[c] * inverse_free;
+    float offsets[3];
+    for (int j = 0; j < q; ++j) offsets[j] = dot(rows_.data() + static_cast<size_t>(j) * channels, free_mean.data(), channels);
+    // E^T A^T A = E^T G - (E^T S) S^T / n, float64 [q, C].
+    std::vector<double> covariance(static_cast<size_t>(q) * channels);
+    for (int j = 0; j < q; ++j) {
+      const float* e = rows_.data() + static_cast<size_t>(j) * channels;
+      const float* eg = gram_rows_.data() + static_cast<size_t>(j) * channels;
+      const float weight = dot(e, free_sum_.data(), channels);
+      for (int c = 0; c < channels; ++c)
+        covariance[static_cast<size_t>(j) * channels + c] = static_cast<double>(eg[c] - weight * free_mean[c]);
+    }
+    double oriented_dot = 0.0;
+    if (free_count_ >= channels) {
+      double gram_ae[9], triangle[9];
+      for (int i = 0; i < q; ++i)
+        for (int j = 0; j < q; ++j) {
+          double total = 0.0;
+          for (int c = 0; c < channels; ++c)
+            total += covariance[static_cast<size_t>(i) * channels + c] *
+                     static_cast<double>(rows_[static_cast<size_t>(j) * channels + c]);
+          gram_ae[i * q + j] = total;
+        }
+      tall_triangle(offsets, gram_ae, triangle);
+      // small = R^-T covariance [q, C], column-major for the SVD; NaN/Inf (rank-deficient A E) -> 0.
+      small_.assign(static_cast<size_t>(q) * channels, 0.0);
+      for (int c = 0; c < channels; ++c)
+        for (int i = 0; i < q; ++i) {
+          double value = covariance[static_cast<size_t>(i) * channels + c];
+          for (int r = 0; r < i; ++r) value -= triangle[r * q + i] * small_[r + static_cast<size_t>(c) * q];
+          small_[i + static_cast<size_t>(c) * q] = value / triangle[i * q + i];
+        }
+      for (double& value : small_)
+        if (!std::isfinite(value)) value = 0.0;
+      singular_.resize(q);
+      left_.resize(static_cast<size_t>(q) * q);
+      right_.resize(static_cast<size_t>(q) * channels);
+      thin_svd(q, channels, small_.data(), singular_.data(), left_.data(), right_.data(), sign_work_, sign_iwork_);
+      for (int c = 0; c < channels; ++c)  // Vh[0] . direction
+        oriented_dot += right_[static_cast<size_t>(c) * q] * static_cast<double>(direction_[c]);
+    } else {
+      // pca_lowrank transposes A: Q = qr(E).Q, B = (A Q)^T = (A E R_E^-1)^T, direction Q U[:, 0].
+      const int n = free_count_, used = std::min(q, n);
+      std::vector<double> basis(static_cast<size_t>(channels) * q), r_e(static_cast<size_t>(q) * q);
+      for (int j = 0; j < q; ++j)  // column-major [C, q] = E^T
+        for (int c = 0; c < channels; ++c)
+          basis[c + static_cast<size_t>(j) * channels] = static_cast<double>(rows_[static_cast<size_t>(j) * channels + c]);
+      tau_.resize(q);
+      householder_qr(channels, q, basis.data(), tau_.data(), /*form_q=*/false, sign_work_);
+      for (int i = 0; i < q; ++i)
+        for (int j = 0; j < q; ++j) r_e[i * q + j] = j >= i ? basis[i + static_cast<size_t>(j) * channels] : 0.0;
+      {  // Q from the same factorisation (dorgqr on the reflectors, as torch.linalg.qr does)
+        int m = channels, k = q, info = 0, lwork = -1;
+        double query = 0.0;
+        dorgqr_(&m, &k, &k, basis.data(), &m, tau_.data(), &query, &lwork, &info);
+        lwork = std::max(1, static_cast<int>(query));
+        sign_work_.resize(std::max<size_t>(sign_work_.size(), lwork));
+        dorgqr_(&m, &k, &k, basis.data(), &m, tau_.data(), sign_work_.data(), &lwork, &info);
+        TORCH_CHECK(info == 0, "dorgqr failed with info ", info);
+      }
+      // exact = (A E R_E^-1)[:, :used]^T, column-major [used, n]: row i of A Q solves x R_E = (A E)_i.
+      free_projections(offsets, compact_);
+      small_.assign(static_cast<size_t>(used) * n, 0.0);
+      double solved[3];
+      for (int column = 0; column < n; ++column) {
+        for (int j = 0; j < q; ++j) {
+          double value = compact_[column + static_cast<size_t>(j) * n];
+          for (int r = 0; r < j; ++r) value -= solved[r] * r_e[r * q + j];
+          solved[j] = value / r_e[j * q + j];
+        }
+        for (int i = 0; i < used; ++i) small_[i + static_cast<size_t>(column) * used] = solved[i];
+      }
+      const int smaller = std::min(used, n);
+      singular_.resize(smaller);
+      left_.resize(static_cast<size_t>(used) * smaller);
+      right_.resize(static_cast<size_t>(smaller) * n);
+      thin_svd(used, n, small_.data(), singular_.data(), left_.data(), right_.data(), sign_work_, sign_iwork_);
+      for (int c = 0; c < channels; ++c) {  // (Q U[:, 0]) . direction
+        double value = 0.0;
+        for (int j = 0; j < used; ++j) value += basis[c + static_cast<size_t>(j) * channels] * left_[j];
+        oriented_dot += value * static_cast<double>(direction_[c]);
       }
     }
-    // E^T A^T A = E^T G - (E^T S) S^T / n.
-    at::Tensor covariance_rows =
-        gram_basis_.narrow(0, 0, rank) - at::mv(top3, im_.free_sum).unsqueeze(1) * free_mean.unsqueeze(0);
-    at::Tensor rows64 = top3.to(torch::kFloat64);
-    at::Tensor direction64 = direction.to(torch::kFloat64);
-    at::Tensor oriented;
-    if (free_count_ >= channels_) {
-      at::Tensor triangle = std::get<1>(at::linalg_qr(compact));  // [q, q]
-      at::Tensor small = at::linalg_solve_triangular(triangle.t(), covariance_rows.to(torch::kFloat64),
-                                                     /*upper=*/false);
-      small = at::nan_to_num(small, 0.0, 0.0, 0.0);
-      oriented = std::get<2>(at::linalg_svd(small, /*full_matrices=*/false))[0];
-    } else {
-      auto [wide_q, wide_r] = at::linalg_qr(rows64.t());
-      at::Tensor wide_compact = at::linalg_solve_triangular(wide_r, compact, /*upper=*/true, /*left=*/false);
-      const int64_t used = std::min(rank, free_count_);
-      at::Tensor exact = wide_compact.narrow(1, 0, used).t();  // [q', n]
-      at::Tensor left = std::get<0>(at::linalg_svd(exact, /*full_matrices=*/false)).select(1, 0);
-      oriented = at::mv(wide_q.narrow(1, 0, used), left);
-    }
-    return at::dot(oriented, direction64).item<double>() < 0.0 ? -1.0f : 1.0f;
+    return oriented_dot < 0.0 ? -1.0f : 1.0f;
   }
 
-  // cos(v, n) at the stored rows from their centred products: (dots + v . mean) * inverse_norm, 0 at covered.
-  void cosines(const at::Tensor& centred_dots, const at::Tensor& vector, std::vector<float>& out) const {
-    const float offset = at::dot(vector, im_.mean).item<float>();
-    const int64_t stored = static_cast<int64_t>(free_.size());
-    const float* d = centred_dots.data_ptr<float>();
-    const float* inv = im_.inverse_norm.data_ptr<float>();
-    out.resize(stored);
-    for (int64_t q = 0; q < stored; ++q)
-      out[q] = free_[q] ? (d[q] + offset) * inv[stored_position_[q]] : 0.0f;
+  // similarity_[q] = cos(v, n_q) at free stored rows (0 at covered ones) from dots_ = stored @ v.
+  void cosines(const float* vector) {
+    const float offset = dot(vector, mean_.data(), channels_);
+    for (int q = 0; q < stored_count(); ++q)
+      similarity_[q] = free_[q] ? (dots_[q] + offset) * inverse_norm_[stored_position_[q]] : 0.0f;
   }
 
   bool one_round() {
-    at::Tensor direction = top_direction();
-    at::Tensor direction_dots;
-    const float sign = reference_sign(direction, direction_dots);
-    if (sign < 0) {
-      direction.neg_();
-      direction_dots.neg_();
-    }
-    std::vector<float> similarity;
-    cosines(direction_dots, direction, similarity);
-    const int64_t stored = static_cast<int64_t>(free_.size());
-    int64_t seed = -1;
-    for (int64_t q = 0; q < stored; ++q)
-      if (free_[q] && (seed < 0 || similarity[q] > similarity[seed])) seed = q;
+    top_direction();
+    const float sign = reference_sign();
+    for (int c = 0; c < channels_; ++c) direction_[c] *= sign;
+    const int stored = stored_count();
+    gemv(stored, channels_, stored_, channels_, direction_.data(), dots_.data());
+    cosines(direction_.data());
+    int seed = -1;
+    for (int q = 0; q < stored; ++q)
+      if (free_[q] && (seed < 0 || similarity_[q] > similarity_[seed])) seed = q;
     if (seed < 0) return false;
     // Nearest-neighbour refinement from the best free position.
-    const float seed_inverse_norm = im_.inverse_norm.data_ptr<float>()[stored_position_[seed]];
-    at::Tensor unit = (stored_rows_[seed] + im_.mean) * seed_inverse_norm;
-    cosines(at::mv(stored_rows_, unit), unit, similarity);
+    const float seed_inverse_norm = inverse_norm_[stored_position_[seed]];
+    const float* seed_row = stored_ + static_cast<size_t>(seed) * channels_;
+    for (int c = 0; c < channels_; ++c) unit_[c] = (seed_row[c] + mean_[c]) * seed_inverse_norm;
+    gemv(stored, channels_, stored_, channels_, unit_.data(), dots_.data());
+    cosines(unit_.data());
     float peak = 0.0f;  // covered rows count as 0, as in the batched path
-    for (int64_t q = 0; q < stored; ++q) peak = std::max(peak, similarity[q]);
+    for (int q = 0; q < stored; ++q) peak = std::max(peak, similarity_[q]);
     if (!(peak > 0.0f)) return false;
     const float cut = settings_.threshold * peak;
-    std::vector<int64_t> kept;
-    for (int64_t q = 0; q < stored; ++q)
-      if (free_[q] && similarity[q] > 0.0f && similarity[q] >= cut) kept.push_back(q);
+    std::vector<int> kept;
+    for (int q = 0; q < stored; ++q)
+      if (free_[q] && similarity_[q] > 0.0f && similarity_[q] >= cut) kept.push_back(q);
     im_.count += 1;
-    for (int64_t q : kept) {
+    for (int q : kept) {
       im_.mask_id[stored_position_[q]] = im_.count;
-      im_.mask_value[stored_position_[q]] = similarity[q] / peak;
+      im_.mask_value[stored_position_[q]] = similarity_[q] / peak;
     }
     cover(kept);
     const float covered_fraction = static_cast<float>(positions_ - free_count_) / static_cast<float>(positions_);
@@ -278,49 +617,61 @@ class ImageRounds {
   }
 
   // Mark rows covered; down-date the Gram matrix, the free sum and (when cheap) the basis' G product.
-  void cover(const std::vector<int64_t>& kept) {
-    const int64_t newly = static_cast<int64_t>(kept.size());
+  void cover(const std::vector<int>& kept) {
+    const int newly = static_cast<int>(kept.size());
     if (newly == 0) return;
-    std::vector<int64_t> index(kept);
-    at::Tensor rows = stored_rows_.index_select(
-        0, torch::from_blob(index.data(), {newly}, torch::kInt64));  // [w, C]
-    im_.free_sum.sub_(rows.sum(0));
-    im_.gram.addmm_(rows.t(), rows, /*beta=*/1.0, /*alpha=*/-1.0);
-    if (4 * newly <= channels_ && gram_basis_.defined()) {
-      gram_basis_.addmm_(at::mm(basis_, rows.t()), rows, 1.0, -1.0);
-    } else {
-      gram_basis_ = at::Tensor();
+    covered_.resize(static_cast<size_t>(newly) * channels_);
+    for (int i = 0; i < newly; ++i) {
+      const float* row = stored_ + static_cast<size_t>(kept[i]) * channels_;
+      std::memcpy(covered_.data() + static_cast<size_t>(i) * channels_, row, sizeof(float) * channels_);
     }
-    for (int64_t q : kept) free_[q] = 0;
+    for (int c = 0; c < channels_; ++c) {
+      float total = 0.0f;
+      for (int i = 0; i < newly; ++i) total += covered_[static_cast<size_t>(i) * channels_ + c];
+      free_sum_[c] -= total;
+    }
+    // G -= W^T W with W [w, C] the covered rows.
+    gemm(true, false, channels_, channels_, newly, -1.0f, covered_.data(), channels_, covered_.data(), channels_,
+         1.0f, gram_.data(), channels_);
+    if (4 * newly <= channels_ && have_gram_rows_) {
+      covered_basis_.resize(static_cast<size_t>(block_) * newly);  // V W^T [k, w]
+      gemm(false, true, block_, newly, channels_, 1.0f, rows_.data(), channels_, covered_.data(), channels_, 0.0f,
+           covered_basis_.data(), newly);
+      gemm(false, false, block_, channels_, newly, -1.0f, covered_basis_.data(), newly, covered_.data(), channels_,
+           1.0f, gram_rows_.data(), channels_);
+    } else {
+      have_gram_rows_ = false;
+    }
+    for (int q : kept) free_[q] = 0;
     free_count_ -= newly;
   }
 };
 
 }  // namespace
 
-// points [B, Q, C] float32 centred (rows >= P unused), mean [B, C], inverse_norm [B, Q], gram [B, C, C]
-// (overwritten), free_sum [B, C] (overwritten), total_variance [B], basis [B, k, C], positions P; solver
-// settings; round settings. Returns (mask_id [B, P] int64, mask_value [B, P] float32, counts [B] int64).
-std::vector<at::Tensor> proposal_rounds(at::Tensor points, at::Tensor mean, at::Tensor inverse_norm, at::Tensor gram,
-                                        at::Tensor free_sum, at::Tensor total_variance, at::Tensor basis,
-                                        int64_t positions, int64_t max_iterations, double residual_tolerance,
-                                        double degenerate_fraction, std::vector<double> nodes, double threshold,
-                                        double coverage, int64_t max_masks) {
-  TORCH_CHECK(points.dim() == 3 && points.scalar_type() == torch::kFloat32 && points.is_contiguous(),
-              "points must be a contiguous float32 [B, Q, C] tensor");
-  TORCH_CHECK(positions >= 1 && positions <= points.size(1) && inverse_norm.size(1) >= positions,
-              "positions must be in [1, Q]");
-  TORCH_CHECK(gram.is_contiguous() && free_sum.is_contiguous() && basis.is_contiguous() && mean.is_contiguous() &&
-                  inverse_norm.is_contiguous() && total_variance.is_contiguous(),
-              "state tensors must be contiguous");
-  at::NoGradGuard no_grad;
-  const int64_t batch = points.size(0);
+// features [B, C, P] float32 (P = h * w positions, row-major), sketch [P, k] (eigen.start_sketch);
+// solver settings; round settings. Returns (mask_id [B, P] int64, mask_value [B, P] float32, counts [B] int64).
+std::vector<at::Tensor> proposal_rounds(at::Tensor features, at::Tensor sketch, int64_t max_iterations,
+                                        double residual_tolerance, double degenerate_fraction,
+                                        std::vector<double> nodes, double threshold, double coverage,
+                                        int64_t max_masks) {
+  for (const at::Tensor* tensor : {&features, &sketch})
+    TORCH_CHECK(tensor->device().is_cpu() && tensor->scalar_type() == torch::kFloat32 && tensor->is_contiguous(),
+                "proposal_rounds expects contiguous float32 CPU tensors");
+  TORCH_CHECK(features.dim() == 3 && sketch.dim() == 2, "features must be [B, C, P] and sketch [P, k]");
+  const int64_t batch = features.size(0), channels = features.size(1), positions = features.size(2);
+  const int64_t block = sketch.size(1);
+  TORCH_CHECK(sketch.size(0) == positions && block >= 1 && block <= channels && !nodes.empty(),
+              "sketch must be [P, k] with 1 <= k <= C");
   at::Tensor mask_id = at::zeros({batch, positions}, torch::kInt64);
   at::Tensor mask_value = at::zeros({batch, positions}, torch::kFloat32);
   at::Tensor counts = at::zeros({batch}, torch::kInt64);
-  const SolverSettings solver{max_iterations, residual_tolerance, degenerate_fraction, nodes};
+  const SolverSettings solver{static_cast<int>(max_iterations), residual_tolerance, degenerate_fraction, nodes};
   const RoundSettings settings{static_cast<float>(threshold), static_cast<float>(coverage), max_masks};
-  const float* variance = total_variance.data_ptr<float>();
+  const float* feature_data = features.data_ptr<float>();
+  const float* sketch_data = sketch.data_ptr<float>();
+  int64_t* ids = mask_id.data_ptr<int64_t>();
+  float* values = mask_value.data_ptr<float>();
   int64_t* count_out = counts.data_ptr<int64_t>();
   // Images take very different numbers of rounds, so each thread picks the next image when it has
   // finished one.
@@ -328,9 +679,10 @@ std::vector<at::Tensor> proposal_rounds(at::Tensor points, at::Tensor mean, at::
   const int64_t workers = std::min<int64_t>(batch, at::get_num_threads());
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     for (int64_t b = next_image++; b < batch; b = next_image++) {
-      Image image{points[b].narrow(0, 0, positions), mean[b], inverse_norm[b], gram[b], free_sum[b], variance[b], basis[b],
-                  mask_id[b].data_ptr<int64_t>(), mask_value[b].data_ptr<float>()};
-      ImageRounds(image, solver, settings).run();
+      Image image{feature_data + b * channels * positions, sketch_data, ids + b * positions, values + b * positions};
+      ImageRounds(image, static_cast<int>(positions), static_cast<int>(channels), static_cast<int>(block), solver,
+                  settings)
+          .run();
       count_out[b] = image.count;
     }
   });
