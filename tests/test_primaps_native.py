@@ -141,3 +141,15 @@ def test_failed_build_is_an_error_when_required(monkeypatch, broken_kernel_sourc
     monkeypatch.setenv("PRIMAPS_DIST_NATIVE", "1")
     with pytest.raises(native.NativeUnavailable, match="building the PriMaPs C\\+\\+ kernel"):
         proposal_maps(torch.randn(1, 4, 3, 3), 0.4, 0.95, 4)
+
+
+def test_an_error_in_one_worker_stops_the_batch_cleanly(monkeypatch):
+    """Workers run images in parallel; a bad image raises one ValueError in the caller, no hang."""
+    monkeypatch.setenv("PRIMAPS_DIST_NATIVE", "1")
+    torch.set_num_threads(2)  # the single_thread fixture restores the setting
+    features = planted_features(6, channels=24, size=10, regions=3, noise=0.3, seed=4)
+    features[4, 3, 2, 2] = float("nan")
+    with pytest.raises(ValueError, match="features contain NaN or Inf values"):
+        proposal_maps(features, 0.4, 0.95, 16)
+    features[4, 3, 2, 2] = 0.0
+    assert proposal_maps(features, 0.4, 0.95, 16)[2].min() >= 1  # the kernel still works afterwards

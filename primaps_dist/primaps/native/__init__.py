@@ -8,8 +8,8 @@ map); accelerators always take the batched path.
 
 The kernel is compiled once per source version into torch's extension cache (``TORCH_EXTENSIONS_DIR``,
 default ``~/.cache/torch_extensions``; ``make install`` builds it) and needs a C++ compiler. The name
-carries a hash of the source and flags, so processes or jobs with different versions never rebuild
-each other's copy.
+carries a hash of the source, its path, the flags and the torch version, so jobs running other
+versions or other checkouts never rebuild each other's copy.
 
 ``PRIMAPS_DIST_NATIVE``: ``auto`` (default: use the kernel when it builds, else warn once and use the
 batched path), ``0`` (never), ``1`` (always: a build failure is an error).
@@ -50,7 +50,10 @@ def mode() -> str:
 
 
 def _extension_name() -> str:
-    digest = hashlib.sha256(_SOURCE.read_bytes())
+    # The source's path is part of the name: two checkouts with the same source would otherwise share
+    # one build folder and rebuild it in turn (its build file records the path).
+    digest = hashlib.sha256(str(_SOURCE.resolve()).encode())
+    digest.update(_SOURCE.read_bytes())
     digest.update(" ".join(_FLAGS).encode())
     digest.update(torch.__version__.encode())
     return f"primaps_native_{digest.hexdigest()[:12]}"

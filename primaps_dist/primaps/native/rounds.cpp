@@ -16,11 +16,15 @@
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
+#include <dlfcn.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <exception>
+#include <mutex>
+#include <thread>
 #include <vector>
 
 extern "C" {
@@ -647,6 +651,29 @@ class ImageRounds {
   }
 };
 
+// Runs the calling thread's MKL calls on one thread while alive: workers already run images in
+// parallel, and each small MKL call would otherwise start a thread team of its own. Looked up at run
+// time (Fortran interface, argument by reference), so BLAS libraries other than MKL simply skip it.
+class OneMklThread {
+ public:
+  OneMklThread() {
+    static const auto set_local =
+        reinterpret_cast<int (*)(const int*)>(dlsym(RTLD_DEFAULT, "MKL_SET_NUM_THREADS_LOCAL"));
+    set_local_ = set_local;
+    const int one = 1;
+    if (set_local_ != nullptr) previous_ = set_local_(&one);
+  }
+  ~OneMklThread() {
+    if (set_local_ != nullptr) set_local_(&previous_);
+  }
+  OneMklThread(const OneMklThread&) = delete;
+  OneMklThread& operator=(const OneMklThread&) = delete;
+
+ private:
+  int (*set_local_)(const int*) = nullptr;
+  int previous_ = 0;  // 0: back to the global setting
+};
+
 }  // namespace
 
 // features [B, C, P] float32 (P = h * w positions, row-major), sketch [P, k] (eigen.start_sketch);
@@ -673,19 +700,37 @@ std::vector<at::Tensor> proposal_rounds(at::Tensor features, at::Tensor sketch, 
   int64_t* ids = mask_id.data_ptr<int64_t>();
   float* values = mask_value.data_ptr<float>();
   int64_t* count_out = counts.data_ptr<int64_t>();
-  // Images take very different numbers of rounds, so each thread picks the next image when it has
-  // finished one.
+  // One worker per torch intra-op thread (std::threads: at::parallel_for's OpenMP region is compiled
+  // into the caller, and this extension is built without OpenMP). Images take very different numbers
+  // of rounds, so each worker picks the next image when it has finished one.
   std::atomic<int64_t> next_image{0};
-  const int64_t workers = std::min<int64_t>(batch, at::get_num_threads());
-  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
-    for (int64_t b = next_image++; b < batch; b = next_image++) {
-      Image image{feature_data + b * channels * positions, sketch_data, ids + b * positions, values + b * positions};
-      ImageRounds(image, static_cast<int>(positions), static_cast<int>(channels), static_cast<int>(block), solver,
-                  settings)
-          .run();
-      count_out[b] = image.count;
+  std::mutex failure_lock;
+  std::exception_ptr failure;
+  auto work = [&]() {
+    try {
+      const OneMklThread one_mkl_thread;
+      for (int64_t b = next_image++; b < batch; b = next_image++) {
+        Image image{feature_data + b * channels * positions, sketch_data, ids + b * positions, values + b * positions};
+        ImageRounds(image, static_cast<int>(positions), static_cast<int>(channels), static_cast<int>(block), solver,
+                    settings)
+            .run();
+        count_out[b] = image.count;
+      }
+    } catch (...) {
+      const std::lock_guard<std::mutex> guard(failure_lock);
+      if (!failure) failure = std::current_exception();
+      next_image = batch;  // the others stop after their current image
     }
-  });
+  };
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(batch, at::get_num_threads()));
+  {
+    pybind11::gil_scoped_release no_gil;
+    std::vector<std::thread> helpers;
+    for (int64_t i = 1; i < workers; ++i) helpers.emplace_back(work);
+    work();
+    for (std::thread& helper : helpers) helper.join();
+  }
+  if (failure) std::rethrow_exception(failure);
   return {mask_id, mask_value, counts};
 }
 
