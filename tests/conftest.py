@@ -96,6 +96,21 @@ def _with_threads(count: int):
     torch.set_num_threads(previous)
 
 
+@pytest.fixture(scope="session")
+def photo_features_stride16() -> torch.Tensor:
+    """EfficientNet-Lite0 stride-16 features [12, 112, 20, 20] of the bundled photos (computed once)."""
+    from primaps_dist.testing.photo_features import photo_features
+
+    threads = torch.get_num_threads()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.set_num_threads(2)
+            _, features = photo_features(stage=3)
+    finally:
+        torch.set_num_threads(threads)
+    return features
+
+
 @pytest.fixture
 def single_thread():
     """One torch thread for the test (results independent of the thread count), restored after."""

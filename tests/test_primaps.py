@@ -58,16 +58,6 @@ def _assert_faithful(agreement: OracleAgreement, min_stable: int) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def photo_features_stride16() -> torch.Tensor:
-    from primaps_dist.testing.photo_features import photo_features
-
-    with torch.random.fork_rng(devices=[]):
-        torch.set_num_threads(2)
-        _, features = photo_features(stage=3)
-    return features
-
-
 def test_matches_published_loop_on_real_photo_features(photo_features_stride16):
     """EfficientNet-Lite0 (ImageNet) stride-16 features (112 x 20 x 20) of 12 bundled photos: rounds
     with more free positions than channels and fewer (where pca_lowrank transposes) both occur."""

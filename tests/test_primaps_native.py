@@ -37,16 +37,6 @@ def _assert_same(native_result, batched_result):
     torch.testing.assert_close(native_values, batched_values, atol=1e-6, rtol=0)
 
 
-@pytest.fixture(scope="module")
-def photo_features_stride16() -> torch.Tensor:
-    from primaps_dist.testing.photo_features import photo_features
-
-    with torch.random.fork_rng(devices=[]):
-        torch.set_num_threads(2)
-        _, features = photo_features(stage=3)
-    return features
-
-
 def test_kernel_builds():
     kernel = native.build()
     assert callable(kernel.proposal_rounds)

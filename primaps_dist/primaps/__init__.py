@@ -1,19 +1,21 @@
 """PriMaPs: batched principal mask proposals (docs/method.md, "Principal mask proposals").
 
-One call processes a whole batch of feature maps; the only Python loops are over proposal rounds
-(at most ``max_masks``) and over the iterations of the eigen-solver inside a round.
+One call processes a whole batch of feature maps. On accelerators (and with
+``PRIMAPS_DIST_NATIVE=0``) the batch advances one round at a time in torch, and the only Python loops
+are over proposal rounds (at most ``max_masks``) and over the iterations of the eigen-solver inside a
+round. On the CPU the same rounds run in C++ (``native``), one image at a time.
 
-Per image and round (all images of the batch at once):
+Per image and round:
 
 1. First principal direction ``v`` of the centred features at the still *free* positions. The
    un-normalised covariance ``A = G_free - S S^T / n_free`` is kept as a running Gram matrix
    ``G_free = sum_free x x^T`` ([B, C, C]) and sum ``S = sum_free x`` ([B, C]); covered positions
    are subtracted (down-dated) once, when they get covered. ``v`` is the top eigenvector of ``A``,
    found by block subspace iteration (``eigen.BLOCK`` vectors, warm-started from the previous
-   round's Ritz basis, whose product with ``G`` is carried over through the down-date): a degree-3
+   round's Ritz basis, whose product with ``G`` is carried over through the down-date): a degree-4
    Chebyshev filter on ``A``, one QR, one Rayleigh-Ritz step, repeated until the relative residual
-   ``||A v - theta v|| / theta`` drops below ``_RESIDUAL_TOL`` (one repetition in almost every
-   round); it agrees with an exact float64 eigendecomposition and with the reference's
+   ``||A v - theta v|| / theta`` drops below ``_RESIDUAL_TOL`` (once in most rounds, twice in the
+   rest); it agrees with an exact float64 eigendecomposition and with the reference's
    ``torch.pca_lowrank(q=3, niter=100)`` (see tests). No [B, h*w, h*w] tensor is ever built.
 2. **Orientation**: a principal direction has no intrinsic sign, yet the sign decides which end of
    the axis step 3 starts from. ``v`` gets the sign that the published code's
