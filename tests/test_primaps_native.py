@@ -143,3 +143,28 @@ def test_an_error_in_one_worker_stops_the_batch_cleanly(monkeypatch):
         proposal_maps(features, 0.4, 0.95, 16)
     features[4, 3, 2, 2] = 0.0
     assert proposal_maps(features, 0.4, 0.95, 16)[2].min() >= 1  # the kernel still works afterwards
+
+
+@pytest.mark.slow
+def test_processes_with_different_ninjas_on_path_share_one_build(tmp_path):
+    """CI's test processes found a system ninja 1.11 or the ``ninja`` package's 1.13 first on PATH; ninja
+    1.12 changed the command hash in its build log, so each took the other's build for stale and rebuilt
+    (26 s each time). The build pins the package's ninja: the second process only loads."""
+    import subprocess
+    import sys
+
+    from support.env import VENV_BIN, child_env
+
+    cache = tmp_path / "extensions"
+    build = [sys.executable, "-m", "primaps_dist.primaps.native"]
+    # Unpinned, this order rebuilt three times here (1.13 reads 1.11's log as stale and the other way round).
+    for path in (f"{VENV_BIN}:/usr/bin:/bin", "/usr/bin:/bin", f"{VENV_BIN}:/usr/bin:/bin"):
+        env = child_env(TORCH_EXTENSIONS_DIR=str(cache), PATH=path, PRIMAPS_DIST_NATIVE="1")
+        done = subprocess.run(build, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert "PriMaPs C++ kernel ready" in done.stdout
+    logs = list(cache.rglob(".ninja_log"))
+    assert len(logs) == 1
+    compiles = [line for line in logs[0].read_text().splitlines() if line.endswith(tuple("0123456789abcdef"))
+                and "rounds.o" in line]
+    assert len(compiles) == 1, logs[0].read_text()

@@ -17,6 +17,7 @@ batched path), ``0`` (never), ``1`` (always: a build failure is an error).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -72,6 +73,29 @@ def _quiet_import_of_load():
     return load
 
 
+@contextlib.contextmanager
+def _pinned_ninja():
+    """The ninja of the ``ninja`` package first on PATH while building. ninja 1.12 changed the command
+    hash in its build log, so processes that find different ninjas on PATH (a system 1.11 and the
+    package's 1.13 were both found in CI) took each other's builds for stale and rebuilt in turn."""
+    try:
+        import ninja
+
+        directory = ninja.BIN_DIR
+    except (ImportError, AttributeError):
+        yield
+        return
+    previous = os.environ.get("PATH")
+    os.environ["PATH"] = os.pathsep.join([directory, previous or ""]).rstrip(os.pathsep)
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["PATH"]
+        else:
+            os.environ["PATH"] = previous
+
+
 def build(verbose: bool = False) -> ModuleType:
     """Build (or load the cached build of) the kernel; raises :class:`NativeUnavailable` on failure."""
     global _kernel, _failure
@@ -82,9 +106,10 @@ def build(verbose: bool = False) -> ModuleType:
             raise NativeUnavailable(_failure)
         try:
             load = _quiet_import_of_load()
-            _kernel = load(
-                name=_extension_name(), sources=[str(_SOURCE)], extra_cflags=list(_FLAGS), verbose=verbose
-            )
+            with _pinned_ninja():
+                _kernel = load(
+                    name=_extension_name(), sources=[str(_SOURCE)], extra_cflags=list(_FLAGS), verbose=verbose
+                )
         except Exception as error:  # noqa: BLE001 - compiler missing, build error, broken cache: all mean "unavailable"
             first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
             _failure = f"building the PriMaPs C++ kernel ({_SOURCE.name}) failed: {first_line}"
