@@ -30,6 +30,7 @@ import torch
 __all__ = ["NativeUnavailable", "build", "mode", "native_kernel"]
 
 _SOURCE = Path(__file__).with_name("rounds.cpp")
+_HEADERS = (Path(__file__).with_name("linalg.h"),)  # included by rounds.cpp
 _FLAGS = ("-O3",)
 _MODES = ("auto", "0", "1")
 _log = logging.getLogger(__name__)
@@ -54,7 +55,8 @@ def _extension_name() -> str:
     # The source's path is part of the name: two checkouts with the same source would otherwise share
     # one build folder and rebuild it in turn (its build file records the path).
     digest = hashlib.sha256(str(_SOURCE.resolve()).encode())
-    digest.update(_SOURCE.read_bytes())
+    for path in (_SOURCE, *_HEADERS):
+        digest.update(path.read_bytes())
     digest.update(" ".join(_FLAGS).encode())
     digest.update(torch.__version__.encode())
     return f"primaps_native_{digest.hexdigest()[:12]}"
