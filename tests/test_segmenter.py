@@ -73,12 +73,19 @@ def demo_segmenter(demo_checkpoint):
 
 @pytest.mark.parametrize("crf", [False, True])
 def test_one_crop_sized_image_follows_the_evaluation_rule(demo_segmenter, crf):
+    """segment() on crop-sized images gives predict_clusters' maps, image by image. The segmenter runs the
+    three windows through the backbone as one batch, the rule one image at a time, and the backbone's
+    features differ with the batch size by rounding (up to 3e-5 here, while the two best cosine scores
+    of a position can be 1e-5 apart): pixels whose two best scores are that close may go either way, so
+    the maps are compared where the decision is clear (a CI run once failed on exact equality)."""
+    import torch.nn.functional as F
+
     from primaps_dist.crf import make_crf
-    from primaps_dist.prototypes import predict_clusters
+    from primaps_dist.prototypes import CRF_TEMPERATURE, cosine_scores, predict_clusters
 
     segmenter = demo_segmenter
     backbone, prototypes = segmenter.scorer.backbone, segmenter.scorer.prototypes
-    images = torch.rand(3, 3, CROP, CROP)
+    images = torch.rand(3, 3, CROP, CROP, generator=torch.Generator().manual_seed(3))
     crf_fn = make_crf(iterations=2, downsample=1) if crf else None
     segmenter.crf_fn = crf_fn
     try:
@@ -86,7 +93,16 @@ def test_one_crop_sized_image_follows_the_evaluation_rule(demo_segmenter, crf):
     finally:
         segmenter.crf_fn = None
     expected = torch.cat([predict_clusters(backbone, prototypes, images[i:i + 1], crf_fn=crf_fn) for i in range(3)])
-    assert got.dtype == torch.int64 and torch.equal(got, expected)
+    with torch.inference_mode():  # the margin between the two best scores of the rule, per pixel
+        scores = F.interpolate(cosine_scores(backbone(images), prototypes), size=(CROP, CROP), mode="bilinear",
+                               align_corners=False)
+        if crf_fn is not None:
+            scores = crf_fn(F.log_softmax(scores / CRF_TEMPERATURE, dim=1), images * 255.0)
+        best_two = scores.topk(2, dim=1).values
+    clear = (best_two[:, 0] - best_two[:, 1]) > 1e-3
+    assert clear.float().mean() > 0.98  # the comparison covers almost every pixel
+    assert got.dtype == torch.int64 and got.shape == expected.shape
+    assert torch.equal(got[clear], expected[clear])
     if not crf:  # a uint8 batch is the same images in 0..255
         as_bytes = (images * 255).round().to(torch.uint8)
         assert torch.equal(segmenter.segment(as_bytes), segmenter.segment(as_bytes.float() / 255.0))
