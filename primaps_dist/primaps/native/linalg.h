@@ -121,9 +121,10 @@ class ThinQ {
   std::vector<float> tau_, work_;
 };
 
-// Householder QR of a column-major [m, n] float64 matrix (m >= n) in place; tau [n]; R is the upper
-// triangle of `a` afterwards. With `form_q`, `a` then holds Q [m, n].
-void householder_qr(int m, int n, double* a, double* tau, bool form_q, std::vector<double>& work) {
+// Householder QR of a column-major [m, n] float64 matrix (m >= n) in place, as torch.linalg.qr (dgeqrf,
+// then dorgqr for Q). `triangle` receives R [n, n] row-major (zeros below the diagonal); with `form_q`,
+// `a` then holds Q [m, n], else the reflectors. tau [n].
+void householder_qr(int m, int n, double* a, double* tau, double* triangle, bool form_q, std::vector<double>& work) {
   int lwork = -1, info = 0;
   double query = 0.0;
   dgeqrf_(&m, &n, a, &m, tau, &query, &lwork, &info);
@@ -131,6 +132,8 @@ void householder_qr(int m, int n, double* a, double* tau, bool form_q, std::vect
   work.resize(std::max<size_t>(work.size(), lwork));
   dgeqrf_(&m, &n, a, &m, tau, work.data(), &lwork, &info);
   TORCH_CHECK(info == 0, "dgeqrf failed with info ", info);
+  for (int i = 0; i < n; ++i)
+    for (int j = 0; j < n; ++j) triangle[i * n + j] = j >= i ? a[i + static_cast<size_t>(j) * m] : 0.0;
   if (!form_q) return;
   lwork = -1;
   dorgqr_(&m, &n, &n, a, &m, tau, &query, &lwork, &info);

@@ -8,8 +8,8 @@
 //
 // A round is a few dozen small products and four small LAPACK calls, so tensor-library overhead per
 // call (allocation, checks, layout copies) would cost as much as the arithmetic: products and LAPACK
-// go straight to BLAS/LAPACK (linalg.h), and buffers are allocated once per image. Matrices are
-// row-major.
+// go straight to BLAS/LAPACK (linalg.h), and the working buffers of an image live as long as the
+// image. Matrices are row-major.
 
 #include <torch/extension.h>
 
@@ -92,9 +92,8 @@ class ImageRounds {
   // Per-image statistics (rounds.WorkingSet's, for one image).
   std::vector<float> mean_, inverse_norm_, gram_, free_sum_;  // [C], [P] by position, [C, C], [C]
   float total_variance_ = 0.0f;
-  // Stored rows: the rows that may still be free (the input, then a compacted private copy).
-  const float* stored_;
-  std::vector<float> stored_copy_;
+  // Stored rows [Q, C]: the centred rows that may still be free (all, then compacted copies).
+  std::vector<float> stored_rows_;
   std::vector<int> stored_position_;  // [Q] positions of the stored rows (increasing)
   std::vector<char> free_;            // [Q]
   int free_count_;
@@ -135,31 +134,31 @@ class ImageRounds {
       // As F.normalize: exactly 0 at zero vectors.
       inverse_norm_[p] = norm > 0.0 ? static_cast<float>(1.0 / std::max(norm, 1e-12)) : 0.0f;
     }
-    stored_copy_.resize(static_cast<size_t>(positions) * channels);
+    stored_rows_.resize(static_cast<size_t>(positions) * channels);
     constexpr int tile = 32;  // transpose in tiles, so both sides stay in cache
     for (int c0 = 0; c0 < channels; c0 += tile)
       for (int p0 = 0; p0 < positions; p0 += tile)
         for (int c = c0; c < std::min(c0 + tile, channels); ++c) {
           const float* row = f + static_cast<size_t>(c) * positions;
           for (int p = p0; p < std::min(p0 + tile, positions); ++p)
-            stored_copy_[static_cast<size_t>(p) * channels + c] = row[p] - mean_[c];
+            stored_rows_[static_cast<size_t>(p) * channels + c] = row[p] - mean_[c];
         }
-    stored_ = stored_copy_.data();
+    const float* centred = stored_rows_.data();
     free_sum_.assign(channels, 0.0f);
     for (int p = 0; p < positions; ++p) {
-      const float* x = stored_ + static_cast<size_t>(p) * channels;
+      const float* x = centred + static_cast<size_t>(p) * channels;
       for (int c = 0; c < channels; ++c) free_sum_[c] += x[c];
     }
     // G = X^T X computing 3/4 of the blocks (symmetry), as eigen.gram.
     gram_.resize(static_cast<size_t>(channels) * channels);
     const int half = channels / 2;
     if (half < 32) {
-      gemm(true, false, channels, channels, positions, 1.0f, stored_, channels, stored_, channels, 0.0f, gram_.data(),
+      gemm(true, false, channels, channels, positions, 1.0f, centred, channels, centred, channels, 0.0f, gram_.data(),
            channels);
     } else {
-      gemm(true, false, half, channels, positions, 1.0f, stored_, channels, stored_, channels, 0.0f, gram_.data(),
+      gemm(true, false, half, channels, positions, 1.0f, centred, channels, centred, channels, 0.0f, gram_.data(),
            channels);
-      gemm(true, false, channels - half, channels - half, positions, 1.0f, stored_ + half, channels, stored_ + half,
+      gemm(true, false, channels - half, channels - half, positions, 1.0f, centred + half, channels, centred + half,
            channels, 0.0f, gram_.data() + static_cast<size_t>(half) * channels + half, channels);
       for (int i = half; i < channels; ++i)
         for (int j = 0; j < half; ++j)
@@ -168,7 +167,7 @@ class ImageRounds {
     total_variance_ = 0.0f;
     for (int c = 0; c < channels; ++c) total_variance_ += gram_[static_cast<size_t>(c) * channels + c];
     // Start basis: rows of Q from the QR of X^T sketch [C, k] (column-major = row-major [k, C]).
-    gemm(true, false, block_, channels, positions, 1.0f, im_.sketch, block_, stored_, channels, 0.0f, rows_.data(),
+    gemm(true, false, block_, channels, positions, 1.0f, im_.sketch, block_, centred, channels, 0.0f, rows_.data(),
          channels);
     thin_q_(rows_.data());
   }
@@ -181,12 +180,11 @@ class ImageRounds {
     positions.reserve(free_count_);
     for (int q = 0; q < stored; ++q) {
       if (!free_[q]) continue;
-      std::memcpy(compact.data() + positions.size() * channels_, stored_ + static_cast<size_t>(q) * channels_,
+      std::memcpy(compact.data() + positions.size() * channels_, stored_rows_.data() + static_cast<size_t>(q) * channels_,
                   sizeof(float) * channels_);
       positions.push_back(stored_position_[q]);
     }
-    stored_copy_.swap(compact);
-    stored_ = stored_copy_.data();
+    stored_rows_.swap(compact);
     stored_position_.swap(positions);
     free_.assign(stored_position_.size(), 1);
   }
@@ -277,7 +275,7 @@ class ImageRounds {
   void free_projections(const float* offsets, std::vector<double>& out) {
     const int stored = stored_count(), q = rank_;
     products_.resize(static_cast<size_t>(stored) * q);
-    gemm(false, true, stored, q, channels_, 1.0f, stored_, channels_, rows_.data(), channels_, 0.0f, products_.data(), q);
+    gemm(false, true, stored, q, channels_, 1.0f, stored_rows_.data(), channels_, rows_.data(), channels_, 0.0f, products_.data(), q);
     out.assign(static_cast<size_t>(free_count_) * q, 0.0);
     int found = 0;
     for (int row = 0; row < stored; ++row) {
@@ -290,7 +288,7 @@ class ImageRounds {
 
   // A E at stored row q: (x_q - free mean) . e_j for j < rank, in float64.
   void projection(int q, const float* offsets, double* out, int stride) const {
-    const float* x = stored_ + static_cast<size_t>(q) * channels_;
+    const float* x = stored_rows_.data() + static_cast<size_t>(q) * channels_;
     for (int j = 0; j < rank_; ++j)
       out[j * stride] = static_cast<double>(dot(x, rows_.data() + static_cast<size_t>(j) * channels_, channels_) -
                                             offsets[j]);
@@ -344,9 +342,7 @@ class ImageRounds {
       free_projections(offsets, a);
     }
     tau_.resize(q);
-    householder_qr(m, q, a.data(), tau_.data(), /*form_q=*/false, sign_work_);
-    for (int i = 0; i < q; ++i)
-      for (int j = 0; j < q; ++j) triangle[i * q + j] = j >= i ? a[i + j * m] : 0.0;
+    householder_qr(m, q, a.data(), tau_.data(), triangle, /*form_q=*/false, sign_work_);
   }
 
   // +1 / -1: the orientation torch.pca_lowrank(q=3) gives the direction (orientation.py, one image).
@@ -398,23 +394,13 @@ class ImageRounds {
     } else {
       // pca_lowrank transposes A: Q = qr(E).Q, B = (A Q)^T = (A E R_E^-1)^T, direction Q U[:, 0].
       const int n = free_count_, used = std::min(q, n);
-      std::vector<double> basis(static_cast<size_t>(channels) * q), r_e(static_cast<size_t>(q) * q);
+      std::vector<double> basis(static_cast<size_t>(channels) * q);
+      double r_e[9];
       for (int j = 0; j < q; ++j)  // column-major [C, q] = E^T
         for (int c = 0; c < channels; ++c)
           basis[c + static_cast<size_t>(j) * channels] = static_cast<double>(rows_[static_cast<size_t>(j) * channels + c]);
       tau_.resize(q);
-      householder_qr(channels, q, basis.data(), tau_.data(), /*form_q=*/false, sign_work_);
-      for (int i = 0; i < q; ++i)
-        for (int j = 0; j < q; ++j) r_e[i * q + j] = j >= i ? basis[i + static_cast<size_t>(j) * channels] : 0.0;
-      {  // Q from the same factorisation (dorgqr on the reflectors, as torch.linalg.qr does)
-        int m = channels, k = q, info = 0, lwork = -1;
-        double query = 0.0;
-        dorgqr_(&m, &k, &k, basis.data(), &m, tau_.data(), &query, &lwork, &info);
-        lwork = std::max(1, static_cast<int>(query));
-        sign_work_.resize(std::max<size_t>(sign_work_.size(), lwork));
-        dorgqr_(&m, &k, &k, basis.data(), &m, tau_.data(), sign_work_.data(), &lwork, &info);
-        TORCH_CHECK(info == 0, "dorgqr failed with info ", info);
-      }
+      householder_qr(channels, q, basis.data(), tau_.data(), r_e, /*form_q=*/true, sign_work_);  // basis: Q
       // exact = (A E R_E^-1)[:, :used]^T, column-major [used, n]: row i of A Q solves x R_E = (A E)_i.
       free_projections(offsets, compact_);
       small_.assign(static_cast<size_t>(used) * n, 0.0);
@@ -453,7 +439,7 @@ class ImageRounds {
     const float sign = reference_sign();
     for (int c = 0; c < channels_; ++c) direction_[c] *= sign;
     const int stored = stored_count();
-    gemv(stored, channels_, stored_, channels_, direction_.data(), dots_.data());
+    gemv(stored, channels_, stored_rows_.data(), channels_, direction_.data(), dots_.data());
     cosines(direction_.data());
     int seed = -1;
     for (int q = 0; q < stored; ++q)
@@ -461,9 +447,9 @@ class ImageRounds {
     if (seed < 0) return false;
     // Nearest-neighbour refinement from the best free position.
     const float seed_inverse_norm = inverse_norm_[stored_position_[seed]];
-    const float* seed_row = stored_ + static_cast<size_t>(seed) * channels_;
+    const float* seed_row = stored_rows_.data() + static_cast<size_t>(seed) * channels_;
     for (int c = 0; c < channels_; ++c) unit_[c] = (seed_row[c] + mean_[c]) * seed_inverse_norm;
-    gemv(stored, channels_, stored_, channels_, unit_.data(), dots_.data());
+    gemv(stored, channels_, stored_rows_.data(), channels_, unit_.data(), dots_.data());
     cosines(unit_.data());
     float peak = 0.0f;  // covered rows count as 0, as in the batched path
     for (int q = 0; q < stored; ++q) peak = std::max(peak, similarity_[q]);
@@ -488,7 +474,7 @@ class ImageRounds {
     if (newly == 0) return;
     covered_.resize(static_cast<size_t>(newly) * channels_);
     for (int i = 0; i < newly; ++i) {
-      const float* row = stored_ + static_cast<size_t>(kept[i]) * channels_;
+      const float* row = stored_rows_.data() + static_cast<size_t>(kept[i]) * channels_;
       std::memcpy(covered_.data() + static_cast<size_t>(i) * channels_, row, sizeof(float) * channels_);
     }
     for (int c = 0; c < channels_; ++c) {
