@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from primaps_dist.primaps import mask_logits, principal_masks  # noqa: E402
+from primaps_dist.primaps.native import forced_mode, native_kernel  # noqa: E402
 from primaps_dist.testing.primaps_reference import (  # noqa: E402
     oracle_agreement,
     planted_features,
@@ -91,19 +91,6 @@ def measure_peak(batch: int, channels: int, size: int, device: str, threads: int
     return int(out.stdout.strip().splitlines()[-1])
 
 
-def _batched(features: torch.Tensor) -> torch.Tensor:
-    """mask_logits on the batched torch loop (PRIMAPS_DIST_NATIVE=0 for the call)."""
-    previous = os.environ.get("PRIMAPS_DIST_NATIVE")
-    os.environ["PRIMAPS_DIST_NATIVE"] = "0"
-    try:
-        return mask_logits(features)
-    finally:
-        if previous is None:
-            del os.environ["PRIMAPS_DIST_NATIVE"]
-        else:
-            os.environ["PRIMAPS_DIST_NATIVE"] = previous
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=32)
@@ -124,8 +111,6 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
 
     features = make_features(args, args.batch, args.channels).to(args.device)
-    from primaps_dist.primaps.native import native_kernel
-
     native = native_kernel(features.device) is not None
     print(f"features {tuple(features.shape)} ({args.features}), device {args.device}, threads {args.threads}, "
           f"proposal path: {'C++ kernel (primaps/native)' if native else 'batched torch loop'}")
@@ -146,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         ours_wall.append(time.perf_counter() - wall)
         if native:  # the batched loop too (the path accelerators take), side by side
             cpu = time.process_time()
-            batched_logits = _batched(features)
+            with forced_mode("0"):
+                batched_logits = mask_logits(features)
             batched_cpu.append(time.process_time() - cpu)
             batched_same &= torch.equal(batched_logits.argmax(1), logits.argmax(1))
         wall, cpu = time.perf_counter(), time.process_time()

@@ -97,6 +97,15 @@ def test_setting_is_validated(monkeypatch):
         proposal_maps(torch.randn(1, 4, 3, 3), 0.4, 0.95, 4)
 
 
+def test_forced_mode_sets_and_restores_the_setting(monkeypatch):
+    monkeypatch.delenv("PRIMAPS_DIST_NATIVE", raising=False)
+    with native.forced_mode("0"):
+        assert native.mode() == "0" and native.native_kernel(torch.device("cpu")) is None
+    assert native.mode() == "auto"
+    with pytest.raises(ValueError, match="PRIMAPS_DIST_NATIVE must be one of auto, 0, 1, got 'on'"):
+        native.forced_mode("on")
+
+
 def test_accelerators_take_the_batched_path():
     assert native.native_kernel(torch.device("meta")) is None
 

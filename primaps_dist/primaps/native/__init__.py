@@ -24,10 +24,11 @@ import os
 import threading
 from pathlib import Path
 from types import ModuleType
+from typing import Iterator
 
 import torch
 
-__all__ = ["NativeUnavailable", "build", "mode", "native_kernel"]
+__all__ = ["NativeUnavailable", "build", "forced_mode", "mode", "native_kernel"]
 
 _SOURCE = Path(__file__).with_name("rounds.cpp")
 _HEADERS = (Path(__file__).with_name("linalg.h"),)  # included by rounds.cpp
@@ -37,6 +38,7 @@ _log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _kernel: ModuleType | None = None
 _failure: str | None = None
+_warned = False  # a failed build under auto has been reported
 
 
 class NativeUnavailable(RuntimeError):
@@ -45,10 +47,13 @@ class NativeUnavailable(RuntimeError):
 
 def mode() -> str:
     """The ``PRIMAPS_DIST_NATIVE`` setting, validated."""
-    value = os.environ.get("PRIMAPS_DIST_NATIVE", "auto").strip().lower() or "auto"
-    if value not in _MODES:
-        raise ValueError(f"PRIMAPS_DIST_NATIVE must be one of {', '.join(_MODES)}, got {value!r}")
-    return value
+    return _checked(os.environ.get("PRIMAPS_DIST_NATIVE", "auto").strip().lower() or "auto")
+
+
+def _checked(setting: str) -> str:
+    if setting not in _MODES:
+        raise ValueError(f"PRIMAPS_DIST_NATIVE must be one of {', '.join(_MODES)}, got {setting!r}")
+    return setting
 
 
 def _extension_name() -> str:
@@ -76,7 +81,26 @@ def _quiet_import_of_load():
 
 
 @contextlib.contextmanager
-def _pinned_ninja():
+def _environment(name: str, value: str) -> Iterator[None]:
+    """Run the body with environment variable ``name`` set to ``value``, then restore it."""
+    previous = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = previous
+
+
+def forced_mode(setting: str) -> contextlib.AbstractContextManager[None]:
+    """``with forced_mode("0"):`` runs the body with ``PRIMAPS_DIST_NATIVE`` set to ``setting`` (e.g. to time
+    the batched loop on the CPU)."""
+    return _environment("PRIMAPS_DIST_NATIVE", _checked(setting))
+
+
+def _pinned_ninja() -> contextlib.AbstractContextManager[None]:
     """The ninja of the ``ninja`` package first on PATH while building. ninja 1.12 changed the command
     hash in its build log, so processes that find different ninjas on PATH (a system 1.11 and the
     package's 1.13 were both found in CI) took each other's builds for stale and rebuilt in turn."""
@@ -85,17 +109,8 @@ def _pinned_ninja():
 
         directory = ninja.BIN_DIR
     except (ImportError, AttributeError):
-        yield
-        return
-    previous = os.environ.get("PATH")
-    os.environ["PATH"] = os.pathsep.join([directory, previous or ""]).rstrip(os.pathsep)
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ["PATH"]
-        else:
-            os.environ["PATH"] = previous
+        return contextlib.nullcontext()
+    return _environment("PATH", os.pathsep.join([directory, os.environ.get("PATH", "")]).rstrip(os.pathsep))
 
 
 def build(verbose: bool = False) -> ModuleType:
@@ -127,21 +142,21 @@ def native_kernel(device: torch.device) -> ModuleType | None:
     setting = mode()
     if setting == "0":
         return None
+    global _warned
     try:
         return build()
     except NativeUnavailable as error:
         if setting == "1":
             raise
-        if not getattr(native_kernel, "_warned", False):
-            native_kernel._warned = True  # type: ignore[attr-defined]
+        if not _warned:
+            _warned = True
             _log.warning("%s; using the batched torch path (set PRIMAPS_DIST_NATIVE=0 to silence)", error)
         return None
 
 
 def _reset_for_tests() -> None:
     """Forget a build result (tests that simulate a failed build)."""
-    global _kernel, _failure
+    global _kernel, _failure, _warned
     with _lock:
-        _kernel, _failure = None, None
-    native_kernel._warned = False  # type: ignore[attr-defined]
+        _kernel, _failure, _warned = None, None, False
 
