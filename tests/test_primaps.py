@@ -83,14 +83,12 @@ def test_matches_published_loop_on_small_planted_maps():
     _assert_faithful(_agreement(features), min_stable=4)
 
 
-def test_published_sign_is_not_a_simple_rule(photo_features_stride16, proposal_path):
+@pytest.mark.parametrize("proposal_path", ["batched"], indirect=True)  # patches that loop's orientation
+def test_published_sign_is_not_a_simple_rule(photo_features_stride16):
     """Guards the oracle itself: flipping every direction to the package's former rule (largest |s|
     positive) must disagree with the published loop on these photos, else the tests above could not
     tell the two apart. (Patches the batched path's orientation, so it runs on that path only.)"""
     import primaps_dist.primaps.rounds as rounds
-
-    if proposal_path != "batched":
-        pytest.skip("patches the batched loop's orientation")
 
     features = photo_features_stride16[:6]
 
@@ -185,14 +183,12 @@ def test_orientation_does_not_follow_rounding_noise_of_the_batch():
     torch.testing.assert_close(alone[0], masks[0, : alone.shape[1]], atol=1e-4, rtol=0)
 
 
-def test_host_syncs_per_round_are_bounded(proposal_path):
+@pytest.mark.parametrize("proposal_path", ["batched"], indirect=True)  # the path accelerators take
+def test_host_syncs_per_round_are_bounded():
     """The loop reads the device three times per round (solver convergence, the orientation's
     inputs, the round's bookkeeping); it was about 15 before. Counted on CPU with SyncCounter, on the
     batched loop (the path accelerators take; the C++ kernel never runs on one)."""
     from support.sync_counter import SyncCounter
-
-    if proposal_path != "batched":
-        pytest.skip("host syncs only matter on the path accelerators take")
 
     features = planted_features(6, channels=48, size=16, regions=6, noise=0.6, seed=7)
     with SyncCounter() as counter:
